@@ -1,0 +1,192 @@
+"""The settings of one run, as plain values, checked before any training starts.
+
+`RunConfig.from_dict` takes what a Hydra config (or a user) hands over as nested dicts, fills in
+defaults and raises ConfigError naming the field, the value and what is allowed. Sweeps call it
+for every point of a grid before submitting anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from critbatch.tasks import TASKS, Task, TaskError, build_task
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SAMPLING = ("with_replacement", "epoch_shuffle")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run setting that is wrong; the message names the field and the allowed values."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9          # used by "momentum"
+    betas: tuple[float, float] = (0.9, 0.999)  # used by "adam"
+    eps: float = 1e-8              # used by "adam"
+    weight_decay: float = 0.0
+
+
+@dataclass
+class GoalsConfig:
+    metric: str = "train_error"
+    thresholds: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.05])
+
+
+@dataclass
+class BudgetConfig:
+    max_steps: int | None = 100_000
+    max_examples: int | None = None
+    max_seconds: float | None = None
+
+
+@dataclass
+class NoiseScaleConfig:
+    every: int = 10            # measure on every n-th step (bounded cost)
+    micro_batches: int = 4     # B_small = B / micro_batches, B_big = B
+    beta: float = 0.95         # EMA factor per measurement
+    enabled: bool = True
+
+
+@dataclass
+class SmoothingConfig:
+    # The training metrics that goals use are EMAs whose window is `relative_window` of the steps
+    # taken so far (so a goal's step is resolved to a few % at any B), but never fewer than
+    # `min_examples` examples (so small batches are not judged on one noisy batch).
+    relative_window: float = 0.05
+    min_examples: int = 512
+
+
+@dataclass
+class DivergenceConfig:
+    loss_ratio: float = 10.0   # diverged when the smoothed loss exceeds this multiple of the initial loss
+
+
+@dataclass
+class LogConfig:
+    relative_interval: float = 0.05  # curve points at geometrically spaced steps, this far apart
+    checkpoint_seconds: float = 30.0  # rewrite the (partial) record at most this often
+
+
+@dataclass
+class RunConfig:
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size: int = 32
+    seed: int = 0
+    goals: GoalsConfig = field(default_factory=GoalsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    sampling: str = "with_replacement"
+    noise_scale: NoiseScaleConfig = field(default_factory=NoiseScaleConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        config = _from_dict(cls, dict(values), "")
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def build_task(self) -> Task:
+        options = {k: v for k, v in self.task.items() if k != "name"}
+        try:
+            return build_task(self.task.get("name"), **options)
+        except TaskError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def validate(self, check_data: bool = False) -> Task:
+        """Raise ConfigError on the first bad field; return the (unloaded) task."""
+        if not isinstance(self.task, dict) or "name" not in self.task:
+            raise ConfigError(f"task must be a mapping with a 'name' (one of {sorted(TASKS)}), got {self.task!r}")
+        task = self.build_task()
+        opt = self.optimizer
+        if opt.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name={opt.name!r} is not supported; choose one of {OPTIMIZERS}")
+        if not _is_number(opt.lr) or not math.isfinite(opt.lr) or opt.lr <= 0:
+            raise ConfigError(f"optimizer.lr={opt.lr!r} must be a finite number > 0")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be an integer > 0")
+        if self.sampling not in SAMPLING:
+            raise ConfigError(f"sampling={self.sampling!r} is not supported; choose one of {SAMPLING}")
+        size = task.dataset_size
+        if self.sampling == "epoch_shuffle" and size is not None and self.batch_size > size:
+            raise ConfigError(f"batch_size={self.batch_size} exceeds task {self.task['name']!r}'s "
+                              f"{size} training examples, which epoch_shuffle samples without replacement")
+        if self.goals.metric not in task.goal_metrics:
+            raise ConfigError(f"goals.metric={self.goals.metric!r} is not produced by task "
+                              f"{self.task['name']!r}; choose one of {list(task.goal_metrics)}")
+        thresholds = self.goals.thresholds
+        if not thresholds or not all(_is_number(t) and math.isfinite(t) for t in thresholds):
+            raise ConfigError(f"goals.thresholds={thresholds!r} must be a non-empty list of finite numbers")
+        if any(b >= a for a, b in zip(thresholds, thresholds[1:])):
+            raise ConfigError(f"goals.thresholds={thresholds!r} must be strictly decreasing "
+                              "(easiest goal first, each goal is 'metric <= threshold')")
+        budget = self.budget
+        for name in ("max_steps", "max_examples", "max_seconds"):
+            value = getattr(budget, name)
+            if value is not None and (not _is_number(value) or value <= 0):
+                raise ConfigError(f"budget.{name}={value!r} must be > 0 or null")
+        if budget.max_steps is None and budget.max_examples is None and budget.max_seconds is None:
+            raise ConfigError("budget: set at least one of max_steps, max_examples, max_seconds")
+        ns = self.noise_scale
+        if ns.every < 1 or ns.micro_batches < 2 or not 0 <= ns.beta < 1:
+            raise ConfigError(f"noise_scale: need every >= 1, micro_batches >= 2 and 0 <= beta < 1, got "
+                              f"every={ns.every}, micro_batches={ns.micro_batches}, beta={ns.beta}")
+        if not 0 < self.smoothing.relative_window <= 1 or self.smoothing.min_examples < 0:
+            raise ConfigError(f"smoothing: need 0 < relative_window <= 1 and min_examples >= 0, got {self.smoothing}")
+        if not self.divergence.loss_ratio > 1:
+            raise ConfigError(f"divergence.loss_ratio={self.divergence.loss_ratio} must be > 1")
+        if not 0 <= self.log.relative_interval <= 1:
+            raise ConfigError(f"log.relative_interval={self.log.relative_interval} must lie in [0, 1] (0 logs every step)")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r}; choose one of {DEVICES}")
+        if check_data:
+            try:
+                task.check_data()
+            except TaskError as exc:
+                raise ConfigError(str(exc)) from exc
+        return task
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _from_dict(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {[prefix + u for u in unknown]}; "
+                          f"known: {[prefix + k for k in fields]}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = fields[name].type
+        sub = {"OptimizerConfig": OptimizerConfig, "GoalsConfig": GoalsConfig, "BudgetConfig": BudgetConfig,
+               "NoiseScaleConfig": NoiseScaleConfig, "SmoothingConfig": SmoothingConfig,
+               "DivergenceConfig": DivergenceConfig, "LogConfig": LogConfig}.get(kind)
+        if sub is not None:
+            value = _from_dict(sub, dict(value) if isinstance(value, dict) else value, f"{prefix}{name}.")
+        elif name == "thresholds":
+            value = list(value) if isinstance(value, (list, tuple)) else value
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _to_plain(value):
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,131 @@
+"""Tasks: a dataset, a model, a loss and the metrics that goals can name, registered by name.
+
+A task is built from plain values (`build_task("digits", hidden=64)`); nothing here knows Hydra.
+Constructing a task is cheap and loads no data, so a sweep can validate its whole grid on a login
+node; `load(device)` brings the data in (onto the GPU when it fits, batches by index_select).
+
+To add a task: write one module here with a `Task` subclass decorated by `@register_task("name")`,
+import it at the bottom of this file, and add conf/task/name.yaml (README: "Add your own task").
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class TaskError(ValueError):
+    """A task that cannot be built or run as asked: the message says which field and what to do."""
+
+
+class DataMissingError(TaskError):
+    """The dataset is not on disk; the message gives the command that downloads it."""
+
+
+class Task:
+    """Base class. Subclasses set `name`, `batch_metrics`, and implement the hooks below.
+
+    Finite datasets keep `inputs` / `targets` as tensors on the training device and batches are
+    `inputs[indices]`; streaming tasks (fresh samples every step) set `dataset_size = None` and
+    implement `sample(n, generator)`.
+    """
+
+    name: str = ""
+    #: metrics computed on each training batch; goals name them smoothed, as "train_<metric>"
+    batch_metrics: tuple[str, ...] = ("loss",)
+    #: metrics computed by `evaluate(model)` at logged steps; goals name them as they are
+    eval_metrics: tuple[str, ...] = ()
+
+    inputs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    @property
+    def dataset_size(self) -> int | None:
+        """Number of training examples, or None for a stream of fresh samples."""
+        raise NotImplementedError
+
+    @property
+    def goal_metrics(self) -> tuple[str, ...]:
+        return tuple(f"train_{m}" for m in self.batch_metrics) + tuple(self.eval_metrics)
+
+    def check_data(self) -> None:
+        """Raise DataMissingError (with the download command) if the data is not available."""
+
+    def load(self, device: torch.device) -> None:
+        """Load the training data onto `device`."""
+
+    def make_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the batch (the mean makes micro-batch gradients average exactly)."""
+        raise NotImplementedError
+
+    def metrics(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch metrics named in `batch_metrics`, as 0-d tensors (no host sync)."""
+        return {"loss": loss.detach()}
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"task {self.name!r} has a finite dataset; index it instead")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics named in `eval_metrics`, computed at logged steps."""
+        return {}
+
+
+class ClassificationTask(Task):
+    """Cross-entropy loss and training error (fraction misclassified) from the same forward pass."""
+
+    batch_metrics = ("loss", "error")
+
+    def loss(self, output, target):
+        return F.cross_entropy(output, target)
+
+    def metrics(self, output, target, loss):
+        error = (output.detach().argmax(dim=1) != target).float().mean()
+        return {"loss": loss.detach(), "error": error}
+
+    @property
+    def dataset_size(self) -> int:
+        return self.train_size
+
+    train_size: int = 0
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    def decorate(cls: type[Task]) -> type[Task]:
+        if name in TASKS:
+            raise TaskError(f"task {name!r} is registered twice ({TASKS[name].__module__} and {cls.__module__})")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+    return decorate
+
+
+def task_options(name: str) -> dict[str, object]:
+    """The options a task takes, with their defaults."""
+    params = inspect.signature(TASKS[name].__init__).parameters
+    return {p.name: p.default for p in list(params.values())[1:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def build_task(name: str, **options) -> Task:
+    """Build a registered task from plain values, naming the bad field when one is wrong."""
+    if name not in TASKS:
+        raise TaskError(f"task.name={name!r} is not a registered task; choose one of {sorted(TASKS)}")
+    allowed = task_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TaskError(f"task {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
+    return TASKS[name](**options)
+
+
+# Importing the modules registers their tasks.
+from critbatch.tasks import digits, synthetic  # noqa: E402,F401
