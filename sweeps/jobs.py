@@ -63,7 +63,7 @@ def job_threads() -> int | None:
     return int(cpus) if cpus else None
 
 
-def run_group_job(sweep_dir: str, configs: list[dict]) -> list[dict]:
+def run_group_job(sweep_dir: str, configs: list[dict], threads: int | None = None) -> list[dict]:
     """Entry point for submitted jobs (submitit pickles this function by reference)."""
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    return run_group(sweep_dir, configs, threads=job_threads())
+    return run_group(sweep_dir, configs, threads=threads or job_threads())

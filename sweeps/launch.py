@@ -117,7 +117,8 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, progress: Progress) ->
 def launch_submitit(sweep_dir: Path, groups, launcher: dict, progress: Progress, runs) -> list[dict]:
     executor = make_executor(sweep_dir, launcher)
     configs = [[run.config for run in group] for group in groups]
-    jobs = executor.map_array(run_group_job, [str(sweep_dir)] * len(configs), configs)
+    jobs = executor.map_array(run_group_job, [str(sweep_dir)] * len(configs), configs,
+                              [launcher.get("threads")] * len(configs))
     entry = {"submitted": datetime.now().isoformat(timespec="seconds"), "launcher": launcher["name"],
              "job_ids": [job.job_id for job in jobs], "folder": str(executor.folder),
              "groups": [[run.name for run in group] for group in groups]}

@@ -1,0 +1,106 @@
+"""sweeps.launch against a real SLURM cluster (scripts/slurm/start_local_slurm.sh starts one).
+
+In CI (CI=true) a missing cluster is an error, not a skip: these tests are the proof that the
+SLURM path works.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from critbatch import records
+from sweeps.status import sweep_status
+from tests.test_sweeps import SMALL, launch
+
+pytestmark = pytest.mark.slurm
+
+
+def cluster_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    if not cluster_up():
+        if os.environ.get("CI"):
+            pytest.fail("no SLURM cluster: run scripts/slurm/start_local_slurm.sh first")
+        pytest.skip("no SLURM cluster (start one with scripts/slurm/start_local_slurm.sh)")
+
+
+SLURM = ["launcher=slurm", "launcher.cpus_per_task=1", "launcher.mem_gb=1", "launcher.timeout_min=10"]
+
+
+def sacct_job_count() -> int:
+    out = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1days"],
+                         capture_output=True, text=True, check=True).stdout
+    return len(out.split())
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_slurm_sweep_completes_and_records_load(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    started = time.time()
+    result = launch(*SMALL, *SLURM, f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    assert result.returncode == 0, result.stderr
+    frame = records.load_sweep(sweep_dir)
+    assert frame["run_id"].nunique() == 4 and frame.attrs["problems"] == []
+    assert set(frame["status"]) <= {records.COMPLETED, records.DIVERGED, records.BUDGET_EXHAUSTED}
+    # The runs really ran as SLURM array tasks: one job per batch size (group_by=batch_size).
+    jobs = json.loads((sweep_dir / "jobs.json").read_text())
+    assert len(jobs) == 1 and len(jobs[0]["job_ids"]) == 2 and all("_" in j for j in jobs[0]["job_ids"])
+    hosts = {json.loads(p.read_text())["summary"]["host"] for p in sweep_dir.rglob(records.RECORD_FILE)}
+    assert len(hosts) == 1
+    print(f"slurm sweep of 4 runs took {time.time() - started:.1f} s")
+
+
+def test_cancelled_job_is_recorded_as_failed_and_relaunch_completes_it(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # One slow run (B=8, an unreachable goal, 30k steps) that we cancel while it trains.
+    slow = ["sweep.batch_sizes=[8]", "sweep.lr.count=1", "goals.metric=train_loss", "goals.thresholds=[0.0]",
+            "budget.max_steps=30000", "log.checkpoint_seconds=0.2", "launcher.threads=1", "launcher.wait=false"]
+    submitted = launch(*slow, *SLURM, f"hydra.sweep.dir={sweep_dir}", timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "python -m sweeps.status" in submitted.stdout
+    job_id = json.loads((sweep_dir / "jobs.json").read_text())[0]["job_ids"][0]
+
+    record_path = wait_for(lambda: next(sweep_dir.rglob(records.RECORD_FILE), None), 120, "the run's first record")
+    wait_for(lambda: records.read_record(record_path)["summary"]["steps"] > 0, 120, "training to start")
+    subprocess.run(["scancel", job_id], check=True)
+    record = wait_for(lambda: (r := records.read_record(record_path))["status"] != records.RUNNING and r,
+                      60, "the cancelled run to be recorded")
+    assert record["status"] == records.FAILED
+    assert "SIGTERM" in record["summary"]["error"]
+    assert sweep_status(sweep_dir)["counts"][records.FAILED] == 1
+    assert records.load_sweep(sweep_dir)["status"].tolist() == [records.FAILED]
+
+    rerun = launch(*[o for o in slow if o != "launcher.wait=false"], *SLURM, f"hydra.sweep.dir={sweep_dir}",
+                   timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "0 already complete, 1 to run" in rerun.stderr
+    assert records.read_record(record_path)["status"] == records.BUDGET_EXHAUSTED
+
+
+def test_bad_config_submits_nothing(tmp_path):
+    before = sacct_job_count()
+    result = launch(*SMALL, *SLURM, "optimizer.lr=0", "sweep.lr.values=[0.1,-1.0]",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=60)
+    assert result.returncode == 2 and "optimizer.lr=-1.0 must be a finite number > 0" in result.stderr
+    assert "nothing was submitted" in result.stderr
+    assert not (tmp_path / "sweep" / ".submitit").exists()
+    assert sacct_job_count() == before
