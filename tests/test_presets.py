@@ -1,0 +1,51 @@
+"""Every experiment preset composes, expands into a valid grid, and names the download command
+when its data is missing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from critbatch.config import ConfigError
+from sweeps.grid import check_data, expand
+from tests.fake_datasets import write_mnist
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=False)
+    OmegaConf.resolve(cfg)  # hydra-only interpolations (none in the run settings) would fail here
+    return OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_expands_into_a_valid_grid(preset):
+    cfg = composed(f"experiment={preset}")
+    runs = expand(cfg)
+    batch_sizes = sorted({r.config["batch_size"] for r in runs})
+    assert len(batch_sizes) >= 5, "a preset must span batch sizes well below and above B_crit"
+    ratios = {b2 / b1 for b1, b2 in zip(batch_sizes, batch_sizes[1:])}
+    assert len(ratios) == 1 and ratios.pop() >= 2, "batch sizes a constant factor apart (powers of two)"
+    assert {r.config["task"]["name"] for r in runs} == {cfg["task"]["name"]}
+    thresholds = cfg["goals"]["thresholds"]
+    assert len(thresholds) >= 4 and thresholds == sorted(thresholds, reverse=True)
+    if preset.startswith("paper_"):
+        assert cfg["launcher"]["gpus_per_node"] == 1  # read by launcher=slurm
+
+
+@pytest.mark.parametrize("preset, dataset", [("paper_mnist", "mnist"), ("paper_fashion_mnist", "fashion_mnist"),
+                                             ("paper_svhn", "svhn"), ("paper_cifar10", "cifar10")])
+def test_missing_dataset_gives_the_download_command(tmp_path, preset, dataset):
+    runs = expand(composed(f"experiment={preset}", f"paths.data_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=rf"scripts/download_data.py --data-dir {tmp_path} --datasets {dataset}"):
+        check_data(runs)
+
+
+def test_present_dataset_passes_the_data_check(tmp_path):
+    write_mnist(tmp_path, n_train=64)
+    check_data(expand(composed("experiment=paper_mnist", f"paths.data_dir={tmp_path}")))
