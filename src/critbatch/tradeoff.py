@@ -12,7 +12,7 @@ multiplicative (a few % from the evaluation grid, more from seeds and lr tuning)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,9 @@ FEW_BATCH_SIZES = 5           # below this the fit rests on few points: say so
 MIN_PER_SIDE = 2              # batch sizes wanted on each side of B_crit
 POOR_FIT_RMS = 0.10           # rms residual of ln(steps) above which the hyperbola fits poorly
 WIDE_INTERVAL = 10.0          # B_crit interval high/low ratio above which it is "wide"
+MIN_RESOLVED_STEPS = 10       # fewer steps to a goal are resolved to no better than ~10 %
+STEPS_MIN_LOG_SD = 0.01       # a step count is never known better than ~1 % (evaluation spacing)
+NEGLIGIBLE_SHARE = 1e-3       # S_min or E_min/B below this share of S at every B: not measured
 _LOG_SPAN = 30.0              # search range of the log parameters below the data (a factor e^30)
 
 
@@ -134,15 +137,18 @@ def _start(steps: np.ndarray, inv_b: np.ndarray) -> np.ndarray:
 def _interval(log_value: float, log_se: float, quantile: float) -> tuple[float, float]:
     if not np.isfinite(log_se):
         return (math.nan, math.nan)
-    return (float(np.exp(log_value - quantile * log_se)), float(np.exp(log_value + quantile * log_se)))
+    with np.errstate(over="ignore", under="ignore"):  # an unbounded interval is (0, inf): say so
+        return (float(np.exp(log_value - quantile * log_se)), float(np.exp(log_value + quantile * log_se)))
 
 
 def fit_tradeoff(batch_sizes, steps, level: float = 0.95, n_bootstrap: int = 0,
-                 seed: int = 0) -> TradeoffFit:
+                 seed: int = 0, min_log_sd: float = 0.0) -> TradeoffFit:
     """Fit S(B) = S_min (1 + B_crit/B) to (batch size, steps-to-goal) points in log space.
 
     Repeated batch sizes (e.g. seeds) are allowed; at least 3 distinct batch sizes are needed.
-    `n_bootstrap` > 0 adds residual-bootstrap percentile intervals.
+    `n_bootstrap` > 0 adds residual-bootstrap percentile intervals. `min_log_sd` is a floor on
+    the noise sd of ln(steps) for the errors: data measured on a grid (best lrs) can fit with no
+    residual at all, which would claim an exact answer.
     """
     b = _as_positive_array(batch_sizes, "batch_sizes")
     s = _as_positive_array(steps, "steps")
@@ -154,7 +160,7 @@ def fit_tradeoff(batch_sizes, steps, level: float = 0.95, n_bootstrap: int = 0,
     fit = TradeoffFit(level=level, n_points=n, n_batch_sizes=n_b, batch_sizes=tuple(b),
                       steps=tuple(s), dof=max(n - 2, 0))
     if n_b < MIN_BATCH_SIZES_FOR_FIT:
-        fit.message = (f"not identified: {n_b} batch size(s); the fit needs at least "
+        fit.message = (f"not identified: {n_b} batch size(s), the fit needs at least "
                        f"{MIN_BATCH_SIZES_FOR_FIT} (two parameters and a residual)")
         return fit
 
@@ -167,18 +173,19 @@ def fit_tradeoff(batch_sizes, steps, level: float = 0.95, n_bootstrap: int = 0,
     fit.residuals = tuple(resid)
     fit.resid_rms = float(np.sqrt(np.mean(resid ** 2)))
 
-    pinned = theta - lower < 1e-3 * _LOG_SPAN
+    # a term that is a negligible share of S at every B is not measured: its parameter is ~0
+    jac = _jacobian(theta, inv_b)
+    pinned = (theta - lower < 1e-3 * _LOG_SPAN) | (jac.max(axis=0) < NEGLIGIBLE_SHARE)
     if pinned[0]:
         fit.message = ("not identified: steps fall as 1/B at every batch size (perfect scaling), "
-                       "so B_crit is above the largest batch size; add larger batch sizes")
+                       "so B_crit is above the largest batch size: add larger batch sizes")
         return fit
     if pinned[1]:
         fit.message = ("not identified: steps do not fall with B (no benefit from larger batches), "
-                       "so B_crit is below the smallest batch size; add smaller batch sizes")
+                       "so B_crit is below the smallest batch size: add smaller batch sizes")
         return fit
 
-    jac = _jacobian(theta, inv_b)
-    sigma2 = float(resid @ resid) / fit.dof
+    sigma2 = max(float(resid @ resid) / fit.dof, min_log_sd ** 2)
     try:
         cov = sigma2 * np.linalg.inv(jac.T @ jac)
     except np.linalg.LinAlgError:
@@ -233,14 +240,17 @@ class LrFit:
         return self.eps_max / (1.0 + self.b_noise / np.asarray(batch_size, dtype=float))
 
 
-def fit_lr_curve(batch_sizes, lrs, level: float = 0.95) -> LrFit:
+def fit_lr_curve(batch_sizes, lrs, level: float = 0.95, grid_factor: float | None = None) -> LrFit:
     """Fit eps(B) = eps_max/(1 + B_noise/B) in log space.
 
     1/eps = 1/eps_max + (B_noise/eps_max)/B has the form of S(B), so this is fit_tradeoff on
-    1/lr: S_min <-> 1/eps_max and B_crit <-> B_noise.
+    1/lr: S_min <-> 1/eps_max and B_crit <-> B_noise. `grid_factor` (ratio of neighbouring lrs
+    in the grid) sets a floor on the noise: a best lr is only known to within its grid cell,
+    sd ln(factor)/sqrt(12).
     """
     lrs = _as_positive_array(lrs, "lrs")
-    inner = fit_tradeoff(batch_sizes, 1.0 / lrs, level=level)
+    floor = math.log(grid_factor) / math.sqrt(12.0) if grid_factor and grid_factor > 1 else 0.0
+    inner = fit_tradeoff(batch_sizes, 1.0 / lrs, level=level, min_log_sd=floor)
     fit = LrFit(n_points=inner.n_points, resid_rms=inner.resid_rms, identified=inner.identified,
                 message=inner.message.replace("steps", "1/lr"))
     if inner.identified:
@@ -250,9 +260,9 @@ def fit_lr_curve(batch_sizes, lrs, level: float = 0.95) -> LrFit:
         fit.b_noise_ci = inner.b_crit_ci
         fit.eps_max_log_se, fit.b_noise_log_se = inner.s_min_log_se, inner.b_crit_log_se
     elif inner.message.startswith("not identified: steps fall"):
-        fit.message = "not identified: best lr grows as B at every batch size; B_noise is above the largest B"
+        fit.message = "not identified: best lr grows as B at every batch size, so B_noise is above the largest B"
     elif inner.message.startswith("not identified: steps do not"):
-        fit.message = "not identified: best lr does not change with B; B_noise is below the smallest B"
+        fit.message = "not identified: best lr does not change with B, so B_noise is below the smallest B"
     return fit
 
 
@@ -299,7 +309,8 @@ def steps_by_lr(df: pd.DataFrame) -> pd.DataFrame:
               + [c for c in ("run_id", "run_dir") if c in work.columns]].copy()
     out["steps"] = rep["_median"].to_numpy()
     out["n_seeds"] = grouped.size().reindex(rep["_cand"]).to_numpy()
-    out["n_reached"] = grouped["_steps"].apply(lambda s: int(np.isfinite(s).sum())).reindex(rep["_cand"]).to_numpy()
+    n_reached = np.isfinite(work["_steps"]).groupby(work["_cand"]).sum()
+    out["n_reached"] = n_reached.reindex(rep["_cand"]).to_numpy()
     b_simple = work["b_simple"].where(np.isfinite(work["_steps"]))
     out["b_simple"] = b_simple.groupby(work["_cand"]).median().reindex(rep["_cand"]).to_numpy()
     out["reached"] = np.isfinite(out["steps"])
@@ -456,18 +467,23 @@ def fit_all_goals(best: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0)
     for key, g in best.groupby(keys, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(keys, key))
-        if "goal_threshold" in g.columns:
-            row["goal_threshold"] = g["goal_threshold"].iloc[0]
+        for col in ("goal_metric", "goal_threshold"):
+            if col in g.columns:
+                row[col] = g[col].iloc[0]
         hit = g[g["reached"]].sort_values("batch_size")
         missed = g.loc[~g["reached"], "batch_size"].tolist()
         row["batch_sizes"] = " ".join(f"{b:g}" for b in hit["batch_size"])
         row["not_reached_at"] = " ".join(f"{b:g}" for b in missed)
-        fit = fit_tradeoff(hit["batch_size"], hit["steps"], level=level, n_bootstrap=n_bootstrap) \
-            if len(hit) else TradeoffFit(level=level, message="no run reached this goal")
+        if len(hit):
+            fit = fit_tradeoff(hit["batch_size"], hit["steps"], level=level, n_bootstrap=n_bootstrap,
+                               min_log_sd=STEPS_MIN_LOG_SD)
+        else:
+            fit = TradeoffFit(level=level, message="no run reached this goal")
         row.update(fit.as_row())
         row.update(_b_simple_summary(hit))
-        lr_fit = _lr_fit_for(hit, level)
-        row.update(lr_eps_max=lr_fit.eps_max, lr_eps_max_low=lr_fit.eps_max_ci[0],
+        grid_factor = _grid_factor(hit)
+        lr_fit = _lr_fit_for(hit, level, grid_factor)
+        row.update(lr_grid_factor=grid_factor, lr_eps_max=lr_fit.eps_max, lr_eps_max_low=lr_fit.eps_max_ci[0],
                    lr_eps_max_high=lr_fit.eps_max_ci[1], lr_b_noise=lr_fit.b_noise,
                    lr_b_noise_low=lr_fit.b_noise_ci[0], lr_b_noise_high=lr_fit.b_noise_ci[1],
                    lr_n_points=lr_fit.n_points, lr_resid_rms=lr_fit.resid_rms,
@@ -494,11 +510,27 @@ def _b_simple_summary(hit: pd.DataFrame) -> dict:
     }
 
 
-def _lr_fit_for(hit: pd.DataFrame, level: float) -> LrFit:
+def _grid_factor(hit: pd.DataFrame) -> float:
+    """Median ratio of neighbouring lrs in the grids at these batch sizes (NaN if unknown)."""
+    if not {"lr_grid_min", "lr_grid_max", "n_lrs"} <= set(hit.columns):
+        return math.nan
+    g = hit[hit["n_lrs"] > 1]
+    if g.empty:
+        return math.nan
+    return float(np.median((g["lr_grid_max"] / g["lr_grid_min"]) ** (1.0 / (g["n_lrs"] - 1))))
+
+
+def _lr_fit_for(hit: pd.DataFrame, level: float, grid_factor: float) -> LrFit:
     if "lr" not in hit.columns or hit["lr"].isna().all():
         return LrFit(message="no lr column")
     usable = hit.dropna(subset=["lr"])
-    return fit_lr_curve(usable["batch_size"], usable["lr"], level=level)
+    if "n_lrs" in usable.columns:
+        usable = usable[usable["n_lrs"] > 1]   # an lr that was not tuned says nothing about eps(B)
+        if usable["batch_size"].nunique() < MIN_BATCH_SIZES_FOR_FIT:
+            return LrFit(n_points=len(usable), message=f"lr tuned (more than one lr tried) at only "
+                         f"{usable['batch_size'].nunique()} batch size(s): no lr fit")
+    return fit_lr_curve(usable["batch_size"], usable["lr"], level=level,
+                        grid_factor=grid_factor if np.isfinite(grid_factor) else None)
 
 
 def _goal_warnings(fit: TradeoffFit, hit: pd.DataFrame, missed: list, lr_fit: LrFit) -> list[str]:
@@ -508,10 +540,11 @@ def _goal_warnings(fit: TradeoffFit, hit: pd.DataFrame, missed: list, lr_fit: Lr
         return ["no run reached this goal: raise the budget or drop the goal"]
     if n_b < FEW_BATCH_SIZES:
         notes.append(f"reached by only {n_b} batch size(s): "
-                     + ("no fit" if n_b < MIN_BATCH_SIZES_FOR_FIT else "the fit rests on few points"))
+                     + (f"no fit (it needs at least {MIN_BATCH_SIZES_FOR_FIT})" if n_b < MIN_BATCH_SIZES_FOR_FIT
+                        else "the fit rests on few points"))
     if missed:
         notes.append("not reached at B=" + ",".join(f"{b:g}" for b in missed))
-    if fit.message:
+    if fit.message and n_b >= MIN_BATCH_SIZES_FOR_FIT:
         notes.append(fit.message)
     if fit.identified:
         bs = hit["batch_size"].to_numpy(dtype=float)
@@ -529,6 +562,15 @@ def _goal_warnings(fit: TradeoffFit, hit: pd.DataFrame, missed: list, lr_fit: Lr
         lo, hi = fit.b_crit_ci
         if np.isfinite(lo) and hi / lo > WIDE_INTERVAL:
             notes.append(f"B_crit interval is wide ({_fmt(lo)}..{_fmt(hi)})")
+    coarse = hit.loc[hit["steps"] < MIN_RESOLVED_STEPS, "batch_size"]
+    if len(coarse):
+        notes.append(f"reached in fewer than {MIN_RESOLVED_STEPS} steps at B=" + ",".join(f"{b:g}" for b in coarse)
+                     + ": so few steps are barely resolved, prefer harder goals")
+    if lr_fit.identified and {"lr_grid_min"} <= set(hit.columns):
+        position = (hit["lr"] / hit["lr_grid_min"]).to_numpy(dtype=float)
+        if len(position) >= MIN_BATCH_SIZES_FOR_FIT and np.allclose(position, position[0], rtol=1e-3):
+            notes.append("best lr sits at the same place in its grid at every B: the lr fit (B_noise) "
+                         "only reproduces how the grid was centred")
     if "lr_edge" in hit.columns:
         for edge in ("high", "low", "single"):
             at = hit.loc[hit["lr_edge"] == edge, "batch_size"]

@@ -1,0 +1,259 @@
+"""The paper's figures, drawn from the frames of critbatch.tradeoff.
+
+Each function takes tidy frames for one (task, optimizer) and returns a matplotlib Figure; it
+uses no pyplot, so it neither needs nor changes a backend and leaves no global state.
+`save_figure` writes PNG and PDF. Batch sizes and counts are plotted on log axes, as in the paper.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+_MAX_ANNOTATED_CELLS = 150
+
+
+def save_figure(fig: Figure, directory: str | Path, name: str) -> list[Path]:
+    """Write `name`.png and `name`.pdf under `directory`; return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.png", directory / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    return paths
+
+
+def _goal_colors(goals) -> dict:
+    goals = list(dict.fromkeys(goals))
+    cmap = colormaps["viridis"]
+    return {g: cmap(0.85 * i / max(len(goals) - 1, 1)) for i, g in enumerate(goals)}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if np.isfinite(x) else "n/a"
+
+
+def _short(x: float) -> str:
+    """A step count in at most 4 characters, to fit inside a heatmap cell."""
+    for scale, unit in ((1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            v = x / scale
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return f"{x:.0f}"
+
+
+def _title(ax, text: str, subtitle: str | None) -> None:
+    ax.set_title(text + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+
+
+def pareto_fronts(best: pd.DataFrame, fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
+    """(a) Steps against examples to reach each goal, log-log, with the fitted hyperbolas
+    (S/S_min - 1)(E/E_min - 1) = 1; a diamond marks B_crit (S = 2 S_min, E = 2 E_min)."""
+    fig = Figure(figsize=(7, 5.2), layout="constrained")
+    ax = fig.subplots()
+    colors = _goal_colors(fits["goal"])
+    reached = best[best["reached"]]
+    labelled = None
+    for _, fit in fits.iterrows():
+        pts = reached[reached["goal"] == fit["goal"]].sort_values("batch_size")
+        c = colors[fit["goal"]]
+        label = f"{fit['goal']}: B_crit={_fmt(fit['b_crit'])}"
+        if np.isfinite(fit["b_crit_low"]):
+            label += f" [{_fmt(fit['b_crit_low'])}, {_fmt(fit['b_crit_high'])}]"
+        ax.plot(pts["examples"], pts["steps"], "o", color=c, label=label, ms=5)
+        edge = pts[pts["lr_at_grid_edge"]] if "lr_at_grid_edge" in pts else pts.iloc[:0]
+        ax.plot(edge["examples"], edge["steps"], "o", mfc="none", mec="red", ms=9, mew=1)
+        if fit["identified"]:
+            b = np.geomspace(pts["batch_size"].min() / 4, pts["batch_size"].max() * 4, 200)
+            s = fit["s_min"] * (1 + fit["b_crit"] / b)
+            ax.plot(b * s, s, "-", color=c, lw=1.2)
+            ax.plot(2 * fit["e_min"], 2 * fit["s_min"], "D", color=c, mec="black", ms=6)
+        if len(pts):
+            labelled = pts
+    if labelled is not None:  # batch sizes next to the points of the hardest reached goal
+        for _, r in labelled.iterrows():
+            ax.annotate(f"B={r['batch_size']:g}", (r["examples"], r["steps"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points", color="0.3")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("examples processed to reach the goal, E = B·S")
+    ax.set_ylabel("optimizer steps to reach the goal, S")
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.3", lw=1.2), Line2D([], [], marker="D", ls="", color="0.5", mec="black"),
+                Line2D([], [], marker="o", ls="", mfc="none", mec="red")]
+    labels += ["fit S = S_min(1 + B_crit/B)", "B_crit: S = 2 S_min, E = 2 E_min", "best lr at grid edge"]
+    ax.legend(handles, labels, fontsize=7, loc="best")
+    _title(ax, "Steps–examples tradeoff (Pareto fronts), best lr per batch size", subtitle)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig
+
+
+def _goal_axis(ax, fits: pd.DataFrame) -> np.ndarray:
+    """x positions for goals: the threshold (log, reversed: harder to the right) when numeric."""
+    thr = pd.to_numeric(fits.get("goal_threshold", pd.Series(np.nan, index=fits.index)), errors="coerce")
+    if thr.notna().all() and (thr > 0).all() and thr.nunique() == len(thr):
+        ax.set_xscale("log")
+        thr = thr.to_numpy(dtype=float)
+        ax.set_xticks(thr, [f"{t:g}" for t in thr])
+        ax.minorticks_off()
+        ax.set_xlim(thr.max() * 1.25, thr.min() / 1.25)   # reversed: harder goals to the right
+        metric = fits["goal_metric"].iloc[0] if "goal_metric" in fits else "metric"
+        ax.set_xlabel(f"goal: {metric} threshold (harder goals to the right)")
+        return thr
+    x = np.arange(len(fits), dtype=float)
+    ax.set_xticks(x, [str(g) for g in fits["goal"]], rotation=20, fontsize=8)
+    ax.set_xlabel("goal (easiest first)")
+    return x
+
+
+def _yerr(values, low, high) -> np.ndarray:
+    values, low, high = (np.asarray(v, dtype=float) for v in (values, low, high))
+    err = np.vstack([values - low, high - values])
+    return np.where(np.isfinite(err), err, 0.0)
+
+
+def noise_scales(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
+    """(b) B_crit (with its interval) against the goal, beside B_simple measured on the best
+    runs (median, bar = range over them) and B_noise from the best-lr curve."""
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.subplots()
+    x = _goal_axis(ax, fits)
+    span = np.ptp(np.log(x)) if ax.get_xscale() == "log" and len(x) > 1 else 1.0
+    shift = np.exp(0.015 * max(span, 0.5)) if ax.get_xscale() == "log" else 0.08
+
+    def dx(k):  # small horizontal offsets so the three series do not hide one another
+        return x * shift ** k if ax.get_xscale() == "log" else x + k * shift
+
+    ok = fits["identified"].astype(bool).to_numpy()
+    if ok.any():
+        ax.errorbar(dx(-1)[ok], fits["b_crit"][ok],
+                    yerr=_yerr(fits["b_crit"], fits["b_crit_low"], fits["b_crit_high"])[:, ok],
+                    fmt="o", color="C0", capsize=3, label=f"B_crit (fit, {fits['level'].iloc[0]:.0%} interval)")
+    has_bs = fits["b_simple"].notna().to_numpy()
+    if has_bs.any():
+        ax.errorbar(dx(0)[has_bs], fits["b_simple"][has_bs],
+                    yerr=_yerr(fits["b_simple"], fits["b_simple_min"], fits["b_simple_max"])[:, has_bs],
+                    fmt="s", color="C1", capsize=3, label="B_simple on the best runs (median, range)")
+    has_bn = fits["lr_b_noise"].notna().to_numpy() if "lr_b_noise" in fits else np.zeros(len(fits), bool)
+    if has_bn.any():
+        ax.errorbar(dx(1)[has_bn], fits["lr_b_noise"][has_bn],
+                    yerr=_yerr(fits["lr_b_noise"], fits["lr_b_noise_low"], fits["lr_b_noise_high"])[:, has_bn],
+                    fmt="^", color="C2", capsize=3, mfc="none", label="B_noise from the best-lr fit (eq. 2.6)")
+    ax.set_yscale("log")
+    ax.set_ylabel("batch size (examples per step)")
+    if not (ok.any() or has_bs.any() or has_bn.any()):
+        ax.text(0.5, 0.5, "nothing to show: no goal has a fit or a B_simple", transform=ax.transAxes, ha="center")
+    else:
+        ax.legend(fontsize=8, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    _title(ax, "Critical batch size vs the simple noise scale at each goal", subtitle)
+    return fig
+
+
+def lr_vs_batch(best: pd.DataFrame, fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
+    """(c) Best lr against B per goal, with the fit eps_max/(1 + B_noise/B); grey bars show the
+    lr grid tried at each B, open red circles the best lrs that sit at its edge."""
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.subplots()
+    colors = _goal_colors(fits["goal"])
+    grid = best.drop_duplicates("batch_size")
+    ax.vlines(grid["batch_size"], grid["lr_grid_min"], grid["lr_grid_max"], color="0.85", lw=6,
+              label="lr grid tried", zorder=0)
+    reached = best[best["reached"] & best["lr"].notna()]
+    for _, fit in fits.iterrows():
+        pts = reached[reached["goal"] == fit["goal"]]
+        c = colors[fit["goal"]]
+        label = f"{fit['goal']}"
+        if np.isfinite(fit.get("lr_b_noise", np.nan)):
+            label += f": eps_max={_fmt(fit['lr_eps_max'])}, B_noise={_fmt(fit['lr_b_noise'])}"
+            b = np.geomspace(pts["batch_size"].min() / 2, pts["batch_size"].max() * 2, 200)
+            ax.plot(b, fit["lr_eps_max"] / (1 + fit["lr_b_noise"] / b), "-", color=c, lw=1.2)
+        ax.plot(pts["batch_size"], pts["lr"], "o", color=c, ms=5, label=label)
+        edge = pts[pts["lr_at_grid_edge"]]
+        ax.plot(edge["batch_size"], edge["lr"], "o", mfc="none", mec="red", ms=9)
+    ax.plot([], [], "o", mfc="none", mec="red", label="best lr at grid edge")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B (examples per step)")
+    ax.set_ylabel("best learning rate")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    _title(ax, "Best learning rate vs batch size, fit ε(B) = ε_max / (1 + B_noise/B)", subtitle)
+    return fig
+
+
+def steps_heatmap(cand: pd.DataFrame, best: pd.DataFrame, goal: str, subtitle: str | None = None) -> Figure:
+    """(d) Steps to `goal` for every (batch size, lr) tried; x marks a setting that did not reach
+    it, a black frame the best lr at each B. `cand` is critbatch.tradeoff.steps_by_lr's frame."""
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.subplots()
+    cells = cand[(cand["goal"] == goal) & cand["lr"].notna()]
+    hit, miss = cells[cells["reached"]], cells[~cells["reached"]]
+    if len(hit):
+        norm = LogNorm(hit["steps"].min(), max(hit["steps"].max(), hit["steps"].min() * 1.01))
+        sc = ax.scatter(hit["batch_size"], hit["lr"], c=hit["steps"], cmap="viridis_r", norm=norm,
+                        marker="s", s=260, edgecolors="none")
+        fig.colorbar(sc, ax=ax, label=f"steps to reach {goal}")
+        if len(cells) <= _MAX_ANNOTATED_CELLS:
+            for _, r in hit.iterrows():
+                ax.annotate(_short(r["steps"]), (r["batch_size"], r["lr"]), ha="center", va="center",
+                            fontsize=5.5, color="black" if norm(r["steps"]) < 0.5 else "white")
+    ax.scatter(miss["batch_size"], miss["lr"], marker="x", color="0.5", s=40, label="did not reach the goal")
+    top = best[(best["goal"] == goal) & best["reached"]]
+    ax.scatter(top["batch_size"], top["lr"], marker="s", s=320, facecolors="none", edgecolors="black",
+               linewidths=1.5, label="best lr at each B")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B (examples per step)")
+    ax.set_ylabel("learning rate")
+    ax.legend(fontsize=7, loc="best")
+    _title(ax, f"Steps to reach {goal} over the (B, lr) grid (median over seeds)", subtitle)
+    return fig
+
+
+def training_curves(curves: pd.DataFrame, best: pd.DataFrame, goal: str, metric: str,
+                    thresholds=(), subtitle: str | None = None) -> Figure:
+    """(e) The metric against steps and against examples for the best run at each B for `goal`
+    (log x; dashed lines at the goal thresholds)."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    top = best[(best["goal"] == goal) & best["reached"]].sort_values("batch_size")
+    key = "run_id" if "run_id" in top.columns and "run_id" in curves.columns else "run_name"
+    norm = LogNorm(top["batch_size"].min(), max(top["batch_size"].max(), top["batch_size"].min() * 1.01)) \
+        if len(top) else None
+    cmap = colormaps["plasma"]
+    positive = True
+    for _, run in top.iterrows():
+        c = curves[curves[key] == run[key]].sort_values("step")
+        c = c[c["step"] > 0]
+        if metric not in c or c.empty:
+            continue
+        y = c[metric].to_numpy(dtype=float)
+        positive &= bool(np.all(y[np.isfinite(y)] > 0))
+        color = cmap(0.85 * norm(run["batch_size"]))
+        label = f"B={run['batch_size']:g}, lr={run['lr']:.3g}"
+        axes[0].plot(c["step"], y, color=color, lw=1, label=label)
+        axes[1].plot(c["examples"], y, color=color, lw=1)
+        axes[0].plot(run["steps"], run.get("goal_threshold", np.nan), "o", color=color, ms=4)
+        axes[1].plot(run["examples"], run.get("goal_threshold", np.nan), "o", color=color, ms=4)
+    for ax, xlabel in zip(axes, ("optimizer steps", "examples processed")):
+        for t in thresholds:
+            ax.axhline(t, ls="--", color="0.6", lw=0.8)
+        ax.set_xscale("log")
+        if positive:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel(f"{metric} (as logged)")
+    if len(top):
+        axes[0].legend(fontsize=6, loc="best", ncol=2)
+    else:
+        axes[0].text(0.5, 0.5, "no run reached this goal", transform=axes[0].transAxes, ha="center")
+    fig.suptitle(f"Training curves of the best run at each B for {goal} (dashed: goal thresholds; "
+                 f"dot: where the goal was reached)" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    return fig
