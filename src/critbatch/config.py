@@ -65,6 +65,7 @@ class SmoothingConfig:
 @dataclass
 class DivergenceConfig:
     loss_ratio: float = 10.0   # diverged when the smoothed loss exceeds this multiple of the initial loss
+    # (the initial model's mean loss over smoothing.min_examples examples, not one noisy batch)
 
 
 @dataclass
@@ -116,6 +117,8 @@ class RunConfig:
             raise ConfigError(f"optimizer.lr={opt.lr!r} must be a finite number > 0")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
             raise ConfigError(f"batch_size={self.batch_size!r} must be an integer > 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed={self.seed!r} must be an integer")
         if self.sampling not in SAMPLING:
             raise ConfigError(f"sampling={self.sampling!r} is not supported; choose one of {SAMPLING}")
         size = task.dataset_size
@@ -126,7 +129,8 @@ class RunConfig:
             raise ConfigError(f"goals.metric={self.goals.metric!r} is not produced by task "
                               f"{self.task['name']!r}; choose one of {list(task.goal_metrics)}")
         thresholds = self.goals.thresholds
-        if not thresholds or not all(_is_number(t) and math.isfinite(t) for t in thresholds):
+        if (not isinstance(thresholds, list) or not thresholds
+                or not all(_is_number(t) and math.isfinite(t) for t in thresholds)):
             raise ConfigError(f"goals.thresholds={thresholds!r} must be a non-empty list of finite numbers")
         if any(b >= a for a, b in zip(thresholds, thresholds[1:])):
             raise ConfigError(f"goals.thresholds={thresholds!r} must be strictly decreasing "
@@ -139,7 +143,8 @@ class RunConfig:
         if budget.max_steps is None and budget.max_examples is None and budget.max_seconds is None:
             raise ConfigError("budget: set at least one of max_steps, max_examples, max_seconds")
         ns = self.noise_scale
-        if ns.every < 1 or ns.micro_batches < 2 or not 0 <= ns.beta < 1:
+        if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (ns.every, ns.micro_batches))
+                or not _is_number(ns.beta) or ns.every < 1 or ns.micro_batches < 2 or not 0 <= ns.beta < 1):
             raise ConfigError(f"noise_scale: need every >= 1, micro_batches >= 2 and 0 <= beta < 1, got "
                               f"every={ns.every}, micro_batches={ns.micro_batches}, beta={ns.beta}")
         if not 0 < self.smoothing.relative_window <= 1 or self.smoothing.min_examples < 0:

@@ -77,6 +77,29 @@ def noise_micro_batches(batch_size: int, wanted: int) -> int:
     return 1
 
 
+@torch.no_grad()
+def initial_mean_loss(model: nn.Module, task: Task, batch_size: int, min_examples: int, seed: int,
+                      device) -> float:
+    """Loss of the initial model over at least min_examples examples: the reference that divergence
+    is judged against. (The first batch alone will not do at small B: at B=1 one example's loss can
+    be ~0, and a healthy run would then look diverged.) Uses its own random stream, so the training
+    batches are unchanged, and restores the model's buffers (batch-norm statistics)."""
+    generator = torch.Generator(device=device).manual_seed(seed + 7_919)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    batches = max(1, math.ceil(min_examples / batch_size))
+    total = 0.0
+    for _ in range(batches):
+        if task.dataset_size is None:
+            x, y = task.sample(batch_size, generator)
+        else:
+            index = torch.randint(task.dataset_size, (batch_size,), generator=generator, device=device)
+            x, y = task.inputs.index_select(0, index), task.targets.index_select(0, index)
+        total += float(task.loss(model(x), y))
+    for name, b in model.named_buffers():
+        b.copy_(buffers[name])
+    return total / batches
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor
@@ -131,6 +154,11 @@ class SmoothedMetrics:
         self.values.mul_(1 - alpha).add_(new, alpha=alpha)
         self.center_step = (1 - alpha) * self.center_step + alpha * step
 
+    @property
+    def ready(self) -> bool:
+        """True once the average covers at least min_examples examples; goals wait until then."""
+        return self.count >= self.min_steps
+
     def as_dict(self) -> dict[str, float]:
         return {f"train_{n}": v for n, v in zip(self.names, self.values.tolist())}
 
@@ -149,7 +177,7 @@ class GoalTracker:
         self._last_eval: tuple[float, float] | None = None
 
     def update_smoothed(self, smoothed: SmoothedMetrics) -> None:
-        if self.smoothed_index is None:
+        if self.smoothed_index is None or not smoothed.ready:  # not on one noisy batch
             return
         value = smoothed.values[self.smoothed_index]
         newly = (self.crossed_at < 0) & (value <= self._threshold_tensor)
@@ -251,6 +279,7 @@ def _train_loop(config: RunConfig, task: Task, record: dict, save) -> None:
     max_steps = min(s for s in (budget.max_steps,
                                 math.ceil(budget.max_examples / B) if budget.max_examples else None,
                                 ) if s is not None) if (budget.max_steps or budget.max_examples) else math.inf
+    initial_loss = initial_mean_loss(model, task, B, config.smoothing.min_examples, config.seed, device)
     curve: dict[str, list] = {}
     record["curve"] = curve
     record["summary"]["setup_seconds"] = time.perf_counter() - setup_start
@@ -260,7 +289,6 @@ def _train_loop(config: RunConfig, task: Task, record: dict, save) -> None:
     last_save = start
     log_points = _log_steps(config.log.relative_interval)
     next_log = 0  # log the initial evaluation (step 0) before training
-    initial_loss = None
     step = 0
     status, reason = None, None
     while True:
@@ -309,8 +337,6 @@ def _train_loop(config: RunConfig, task: Task, record: dict, save) -> None:
             noise.update(result.small_sq_norm, result.big_sq_norm, B // k, B)
         smoothed.update(result.metrics, step)
         goals.update_smoothed(smoothed)
-        if initial_loss is None:
-            initial_loss = float(result.loss)
         optimizer.step()
         step += 1
         if budget.max_seconds is not None and step % 64 == 0 and time.perf_counter() - start >= budget.max_seconds:
