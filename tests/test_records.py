@@ -229,3 +229,11 @@ def test_load_sweep_empty_and_missing(tmp_path):
     assert "batch_size" in frame.columns
     with pytest.raises(FileNotFoundError):
         records.load_sweep(tmp_path / "nowhere")
+
+
+def test_moving_the_data_does_not_change_a_runs_identity():
+    config = {"task": {"name": "mnist", "data_dir": "/a"}, "optimizer": {"name": "sgd", "lr": 0.1},
+              "batch_size": 8, "seed": 0}
+    moved = {**config, "task": {"name": "mnist", "data_dir": "/b"}}
+    other = {**config, "task": {"name": "mnist", "data_dir": "/a", "dropout": 0.1}}
+    assert records.run_id(config) == records.run_id(moved) != records.run_id(other)

@@ -42,6 +42,8 @@ def _canonical(value: Any) -> str:
 def run_id(config: dict) -> str:
     """A short stable hash of the settings that identify a run (see IDENTITY_KEYS)."""
     identity = {key: config.get(key) for key in IDENTITY_KEYS}
+    # Where the data lives is not what was run: moving a dataset must not redo complete runs.
+    identity["task"] = {k: v for k, v in (identity["task"] or {}).items() if k != "data_dir"}
     return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:12]
 
 

@@ -25,7 +25,7 @@ class LinearRegression(Task):
     eval_metrics = ("exact_loss", "exact_excess_loss", "exact_b_simple", "exact_b_noise")
 
     def __init__(self, dim: int = 64, decay: float = 1.0, noise_std: float = 1.0,
-                 target_scale: float = 3.0, problem_seed: int = 1234):
+                 target_scale: float = 10.0, problem_seed: int = 1234):
         if dim < 1:
             raise TaskError(f"linreg: dim must be >= 1, got {dim}")
         if noise_std < 0 or target_scale <= 0:
