@@ -12,6 +12,8 @@ import traceback
 from pathlib import Path
 
 from critbatch import records
+from critbatch.config import ConfigError, RunConfig
+from critbatch.packed import pack_key, train_packed
 from critbatch.train import train
 
 
@@ -24,34 +26,64 @@ def _raise_killed(signum, frame):
                     f"(cancelled, preempted or out of time); relaunch the sweep to rerun this run")
 
 
-def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None) -> list[dict]:
+def packs(configs: list[dict], packing: dict | None) -> list[list[dict]]:
+    """Runs that may train as one packed model (they differ only in lr, and B is small enough
+    for packing to pay), at most packing.max_members each; every other run alone."""
+    packing = packing or {}
+    if not packing.get("enabled", False):
+        return [[c] for c in configs]
+    by_key: dict[str, list[dict]] = {}
+    for config in configs:
+        small = config["batch_size"] <= packing.get("max_batch_size", 256)
+        key = pack_key(RunConfig.from_dict(config)) if small else f"alone:{len(by_key)}"
+        by_key.setdefault(key, []).append(config)
+    size = max(1, int(packing.get("max_members", 32)))
+    return [group[i:i + size] for group in by_key.values() for i in range(0, len(group), size)]
+
+
+def _train_pack(sweep_dir: str, pack: list[dict]) -> list[dict]:
+    out_dirs = [records.run_dir(sweep_dir, c) for c in pack]
+    if len(pack) > 1:
+        try:
+            return train_packed(pack, out_dirs)
+        except ConfigError as exc:
+            if "cannot be packed" not in str(exc):
+                raise
+    return [train(c, d) for c, d in zip(pack, out_dirs)]  # plain path (BatchNorm models, or alone)
+
+
+def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
+              packing: dict | None = None) -> list[dict]:
     """Train each config under sweep_dir/runs/<run_name>/ unless its record is complete.
 
-    Returns one summary per run: name, status and whether it was skipped. A run that raises is
-    recorded as failed by `train` and the group goes on with the next run; a kill ends the group.
+    Returns one summary per run: name, status and whether it was skipped. A run (or pack) that
+    raises is recorded as failed and the group goes on with the next one; a kill ends the group.
     """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     previous = signal.signal(signal.SIGTERM, _raise_killed)
-    summaries = []
+    summaries, todo = [], []
+    for config in configs:
+        config = RunConfig.from_dict(config).to_dict()  # complete, so its directory names the run
+        name = records.run_dir(sweep_dir, config).name
+        if records.is_complete(records.run_dir(sweep_dir, config) / records.RECORD_FILE):
+            summaries.append({"run": name, "status": "skipped (complete)", "skipped": True})
+        else:
+            todo.append(config)
     try:
-        for config in configs:
-            out_dir = records.run_dir(sweep_dir, config)
-            name = out_dir.name
-            if records.is_complete(out_dir / records.RECORD_FILE):
-                summaries.append({"run": name, "status": "skipped (complete)", "skipped": True})
-                continue
+        for pack in packs(todo, packing):
             try:
-                record = train(config, out_dir)
-                summaries.append({"run": name, "status": record["status"], "skipped": False})
+                for record in _train_pack(sweep_dir, pack):
+                    summaries.append({"run": record["run_name"], "status": record["status"], "skipped": False,
+                                      "path": record["summary"].get("path")})
             except JobKilled:
                 raise
             except Exception as exc:  # already recorded as failed by train(); keep going
-                summaries.append({"run": name, "status": records.FAILED, "skipped": False,
-                                  "error": f"{type(exc).__name__}: {exc}",
-                                  "traceback": traceback.format_exc(limit=5)})
+                summaries += [{"run": records.run_dir(sweep_dir, c).name, "status": records.FAILED,
+                               "skipped": False, "error": f"{type(exc).__name__}: {exc}",
+                               "traceback": traceback.format_exc(limit=5)} for c in pack]
     finally:
         signal.signal(signal.SIGTERM, previous)
     return summaries
@@ -63,7 +95,8 @@ def job_threads() -> int | None:
     return int(cpus) if cpus else None
 
 
-def run_group_job(sweep_dir: str, configs: list[dict], threads: int | None = None) -> list[dict]:
+def run_group_job(sweep_dir: str, configs: list[dict], threads: int | None = None,
+                  packing: dict | None = None) -> list[dict]:
     """Entry point for submitted jobs (submitit pickles this function by reference)."""
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    return run_group(sweep_dir, configs, threads=threads or job_threads())
+    return run_group(sweep_dir, configs, threads=threads or job_threads(), packing=packing)

@@ -104,21 +104,21 @@ def make_executor(sweep_dir: Path, launcher: dict):
     return executor
 
 
-def launch_local(sweep_dir: Path, groups, launcher: dict, progress: Progress) -> list[dict]:
+def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[dict]:
     summaries = []
     for group in groups:
-        for run in group:
-            progress.show(note=run.name)
-            summaries += run_group(str(sweep_dir), [run.config], threads=launcher.get("threads"))
-            progress.show(progress.done + 1)
+        progress.show(note=f"B={group[0].config['batch_size']}")
+        summaries += run_group(str(sweep_dir), [run.config for run in group], threads=launcher.get("threads"),
+                               packing=packing)
+        progress.show(progress.done + len(group))
     return summaries
 
 
-def launch_submitit(sweep_dir: Path, groups, launcher: dict, progress: Progress, runs) -> list[dict]:
+def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress, runs) -> list[dict]:
     executor = make_executor(sweep_dir, launcher)
     configs = [[run.config for run in group] for group in groups]
     jobs = executor.map_array(run_group_job, [str(sweep_dir)] * len(configs), configs,
-                              [launcher.get("threads")] * len(configs))
+                              [launcher.get("threads")] * len(configs), [packing] * len(configs))
     entry = {"submitted": datetime.now().isoformat(timespec="seconds"), "launcher": launcher["name"],
              "job_ids": [job.job_id for job in jobs], "folder": str(executor.folder),
              "groups": [[run.name for run in group] for group in groups]}
@@ -163,9 +163,9 @@ def launch(cfg: dict, sweep_dir: Path) -> int:
         groups = group_runs(pending, launcher.get("group_by", "batch_size"))
         progress = Progress(len(runs), len(runs) - len(pending))
         if launcher["name"] == "local":
-            summaries = launch_local(sweep_dir, groups, launcher, progress)
+            summaries = launch_local(sweep_dir, groups, launcher, cfg.get("packing"), progress)
         else:
-            summaries = launch_submitit(sweep_dir, groups, launcher, progress, runs)
+            summaries = launch_submitit(sweep_dir, groups, launcher, cfg.get("packing"), progress, runs)
         progress.close()
         if launcher["name"] != "local" and not launcher.get("wait", True):
             print(f"\nDetached. Check on it:   python -m sweeps.status {sweep_dir}\n"
