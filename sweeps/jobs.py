@@ -13,7 +13,7 @@ from pathlib import Path
 
 from critbatch import records
 from critbatch.config import ConfigError, RunConfig
-from critbatch.packed import pack_key, train_packed
+from critbatch.packed import NotPackable, pack_key, train_packed
 from critbatch.train import train
 
 
@@ -29,13 +29,19 @@ def _raise_killed(signum, frame):
 def packs(configs: list[dict], packing: dict | None) -> list[list[dict]]:
     """Runs that may train as one packed model (they differ only in lr, and B is small enough
     for packing to pay), at most packing.max_members each; every other run alone."""
+    import torch
+
     packing = packing or {}
-    if not packing.get("enabled", False):
-        return [[c] for c in configs]
+    enabled = packing.get("enabled", False)
+    if enabled not in (True, False, "auto"):
+        raise ConfigError(f"packing.enabled={enabled!r}; choose true, false or auto")
+    # auto: packing pays where kernel launches dominate, on a GPU; on a CPU the plain loop is as fast.
+    on_gpu = torch.cuda.is_available()
     by_key: dict[str, list[dict]] = {}
     for config in configs:
+        wanted = enabled is True or (enabled == "auto" and on_gpu and config["device"] != "cpu")
         small = config["batch_size"] <= packing.get("max_batch_size", 256)
-        key = pack_key(RunConfig.from_dict(config)) if small else f"alone:{len(by_key)}"
+        key = pack_key(RunConfig.from_dict(config)) if wanted and small else f"alone:{len(by_key)}"
         by_key.setdefault(key, []).append(config)
     size = max(1, int(packing.get("max_members", 32)))
     return [group[i:i + size] for group in by_key.values() for i in range(0, len(group), size)]
@@ -46,9 +52,8 @@ def _train_pack(sweep_dir: str, pack: list[dict]) -> list[dict]:
     if len(pack) > 1:
         try:
             return train_packed(pack, out_dirs)
-        except ConfigError as exc:
-            if "cannot be packed" not in str(exc):
-                raise
+        except NotPackable:
+            pass
     return [train(c, d) for c, d in zip(pack, out_dirs)]  # plain path (BatchNorm models, or alone)
 
 

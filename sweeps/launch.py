@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from critbatch import records
 from critbatch.config import ConfigError
 from sweeps.grid import SweepError, check_data, expand, group_runs
-from sweeps.jobs import run_group, run_group_job
+from sweeps.jobs import packs, run_group, run_group_job
 
 MANIFEST = "sweep.json"
 JOBS_FILE = "jobs.json"
@@ -151,7 +151,8 @@ def launch(cfg: dict, sweep_dir: Path) -> int:
         raise SweepError(f"launcher.name={launcher.get('name')!r}; choose one of {LAUNCHERS}")
     runs = expand(cfg)
     check_data(runs)
-    group_runs(runs, launcher.get("group_by", "batch_size"))  # a bad group_by fails before any work
+    group_runs(runs, launcher.get("group_by", "batch_size"))  # bad group_by or packing settings
+    packs([], cfg.get("packing"))                              # fail before any work
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep_dir, runs, cfg)
     pending = [run for run in runs

@@ -131,6 +131,7 @@ def test_relaunch_reruns_failed_and_partial_runs(tmp_path):
     ("sweep.batch_sizes=[0,8]", "sweep.batch_sizes"),
     ("goals.metric=accuracy", "goals.metric='accuracy'"),
     ("launcher.group_by=node", "launcher.group_by"),
+    ("packing.enabled=sometimes", "packing.enabled='sometimes'"),
     ("sampling=epoch_shuffle", "exceeds task 'digits'"),  # B=4096 > 1797 examples without replacement
 ])
 def test_bad_config_fails_fast_and_creates_nothing(tmp_path, override, message):

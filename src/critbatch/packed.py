@@ -31,6 +31,10 @@ from critbatch.tasks import Task
 from critbatch.train import BatchSampler, initial_mean_loss, next_batch, noise_micro_batches, pick_device
 
 
+class NotPackable(ConfigError):
+    """The model cannot train packed (BatchNorm); train its runs with critbatch.train instead."""
+
+
 def pack_key(config: RunConfig) -> str:
     """Runs with equal keys differ at most in their learning rate and can share a pack."""
     values = config.to_dict()
@@ -41,6 +45,47 @@ def pack_key(config: RunConfig) -> str:
 
 def packable(task: Task, model: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class PackedModel:
+    """M copies of one architecture as stacked parameters [M, ...], stepped by vmap over members."""
+
+    def __init__(self, task: Task, models: list[nn.Module]):
+        params, self.buffers = stack_module_state(models)
+        self.params = {name: value.detach() for name, value in params.items()}
+        base = copy.deepcopy(models[0]).to("meta")  # the architecture only; weights come stacked
+
+        def loss_and_metrics(p, b, x, y):
+            output = functional_call(base, (p, b), (x,))
+            loss = task.loss(output, y)
+            return loss, task.metrics(output, y, loss)
+
+        step = grad_and_value(loss_and_metrics, has_aux=True)
+        self._per_member = vmap(step, in_dims=(0, 0, None, None), randomness="different")
+        # Micro-batch gradients for the noise scale: an inner vmap over the k micro-batches.
+        self._per_member_micro = vmap(vmap(step, in_dims=(None, None, 0, 0), randomness="different"),
+                                      in_dims=(0, 0, None, None), randomness="different")
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1):
+        """Per-member full-batch gradients and batch metrics; with k > 1 micro-batches also the
+        per-member (mean |g_small|^2, |g_big|^2) of the noise-scale estimator (else None)."""
+        if micro_batches <= 1:
+            grads, (_, metrics) = self._per_member(self.params, self.buffers, x, y)
+            return grads, metrics, None
+        k, B = micro_batches, x.shape[0]
+        xs, ys = x.reshape(k, B // k, *x.shape[1:]), y.reshape(k, B // k, *y.shape[1:])
+        micro_grads, (_, micro_metrics) = self._per_member_micro(self.params, self.buffers, xs, ys)
+        grads = {name: g.mean(1) for name, g in micro_grads.items()}  # exactly the full-batch gradient
+        small = sum(g.pow(2).flatten(2).sum(2) for g in micro_grads.values()).mean(1)
+        big = sum(g.pow(2).flatten(1).sum(1) for g in grads.values())
+        return grads, {name: value.mean(1) for name, value in micro_metrics.items()}, (small, big)
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: value[i] for name, value in {**self.params, **self.buffers}.items()}
+
+    def keep(self, members: torch.Tensor) -> None:
+        self.params = {name: value[members] for name, value in self.params.items()}
+        self.buffers = {name: value[members] for name, value in self.buffers.items()}
 
 
 class PackedOptimizer:
@@ -112,26 +157,13 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
         torch.set_rng_state(rng)
         models.append(task.make_model().to(device).train())
     if not packable(task, models[0]):
-        raise ConfigError(f"task {task.name!r}: models with BatchNorm cannot be packed; set packing.enabled=false")
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach() for k, v in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
+        raise NotPackable(f"task {task.name!r}: models with BatchNorm cannot be packed; set packing.enabled=false")
+    packed = PackedModel(task, models)
     evaluation_model = models[0]  # a scratch module to evaluate one member at a time
-    optimizer = PackedOptimizer(params, config.optimizer, torch.tensor(lrs, device=device))
+    optimizer = PackedOptimizer(packed.params, config.optimizer, torch.tensor(lrs, device=device))
     data_generator = torch.Generator(device=device).manual_seed(config.seed)
     sampler = None if task.dataset_size is None else BatchSampler(task.dataset_size, B, config.sampling,
                                                                    data_generator, device)
-
-    def loss_and_metrics(p, b, x, y):
-        output = functional_call(base, (p, b), (x,))
-        loss = task.loss(output, y)
-        return loss, task.metrics(output, y, loss)
-
-    per_member = vmap(grad_and_value(loss_and_metrics, has_aux=True), in_dims=(0, 0, None, None),
-                      randomness="different")
-    # Micro-batch gradients for the noise scale: an inner vmap over the k micro-batches.
-    per_member_micro = vmap(vmap(grad_and_value(loss_and_metrics, has_aux=True), in_dims=(None, None, 0, 0),
-                                 randomness="different"), in_dims=(0, 0, None, None), randomness="different")
 
     smoothed = SmoothedMetrics(task.batch_metrics, M, B, config.smoothing.relative_window,
                                config.smoothing.min_examples, device)
@@ -157,7 +189,7 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
             for i, (monitor, metrics) in enumerate(zip(alive, smoothed.member_dicts())):
                 evaluated = {}
                 if task.eval_metrics:
-                    evaluation_model.load_state_dict({name: value[i] for name, value in {**params, **buffers}.items()})
+                    evaluation_model.load_state_dict(packed.member_state(i))
                     evaluated = task.evaluate(evaluation_model)
                 monitor.log(step, now, metrics, evaluated, crossed[i])
             keep = [i for i, m in enumerate(alive) if not m.finished]
@@ -165,8 +197,7 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
                 return
             if len(keep) < len(alive):  # finished and diverged members leave the pack
                 members = torch.tensor(keep, device=device)
-                params = {name: value[members] for name, value in params.items()}
-                buffers = {name: value[members] for name, value in buffers.items()}
+                packed.keep(members)
                 optimizer.keep(members)
                 smoothed.keep(members)
                 if goals is not None:
@@ -180,20 +211,14 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
                 next_log = next(schedule)
 
         x, y = next_batch(task, sampler, B, data_generator)
-        if k > 1 and step % config.noise_scale.every == 0:
-            xs, ys = x.reshape(k, B // k, *x.shape[1:]), y.reshape(k, B // k, *y.shape[1:])
-            micro_grads, (losses, micro_metrics) = per_member_micro(params, buffers, xs, ys)
-            grads = {name: g.mean(1) for name, g in micro_grads.items()}  # the full-batch gradient
-            small = sum(g.pow(2).flatten(2).sum(2) for g in micro_grads.values()).mean(1)
-            big = sum(g.pow(2).flatten(1).sum(1) for g in grads.values())
-            noise.add(small, big)
-            metrics = {name: value.mean(1) for name, value in micro_metrics.items()}
-        else:
-            grads, (loss, metrics) = per_member(params, buffers, x, y)
+        measure = k > 1 and step % config.noise_scale.every == 0
+        grads, metrics, norms = packed.gradients(x, y, k if measure else 1)
+        if measure:
+            noise.add(*norms)
         smoothed.update(metrics, step)
         if goals is not None:
             goals.update(smoothed)
-        optimizer.step(params, grads)
+        optimizer.step(packed.params, grads)
         step += 1
         if config.budget.max_seconds is not None and step % 64 == 0 \
                 and time.perf_counter() - start >= config.budget.max_seconds:
