@@ -22,15 +22,6 @@ from critbatch.train import BatchSampler, compute_gradients, next_batch
 Z = 4.0  # tolerance in standard errors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: extra threads only add overhead (and thrash on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def draw_sq_norms(model, task, n_draws, batch_size, micro_batches, generator, sampler=None):
     """(small, big) squared norms from n independent batches, through train's own code path."""
     small, big = np.empty(n_draws), np.empty(n_draws)

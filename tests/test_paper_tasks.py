@@ -25,16 +25,6 @@ FULL_SIZES = {"mnist": 60_000, "fashion_mnist": 60_000, "svhn": 73_257, "cifar10
 WRITTEN = 30  # training examples each fake dataset holds (cifar10: 6 in each of 5 batches)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from threads, and on a busy machine a descheduled thread stalls
-    every op (a ResNet step went from 1 s to 50 s with 2 threads on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_fake(name: str, root: Path, monkeypatch, accept_md5: bool = True):
     """Write a small `name` dataset under root; returns its training images (N,C,H,W uint8), labels."""
     if name in ("mnist", "fashion_mnist"):

@@ -7,19 +7,10 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 from critbatch import records
 from critbatch.config import RunConfig
 from critbatch.train import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def plain_config(**changes) -> dict:

@@ -27,15 +27,6 @@ from critbatch.monitor import GoalCrossings, SmoothedMetrics
 from critbatch.train import BatchSampler, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: extra threads only add overhead (and thrash on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Isotropic, nearly noiseless linear regression: the loss falls by orders of magnitude, so a goal's
 # crossing step is well defined (the curve is steep in log-step) and exact_loss is known at every step.
 LINREG = {"name": "linreg", "dim": 16, "decay": 0.0, "noise_std": 0.1, "target_scale": 10.0}

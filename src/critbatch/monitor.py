@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import platform
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,7 @@ class RunMonitor:
         }
         self.max_steps = max_steps(config)
         self.initial_loss = math.nan
+        self._last_save = time.perf_counter()
         self._last_eval: tuple[int, float] | None = None
         self.save()
 
@@ -131,6 +133,7 @@ class RunMonitor:
     def save(self) -> None:
         if self.path is not None:
             records.write_record(self.path, self.record)
+        self._last_save = time.perf_counter()
 
     def started(self, initial_loss: float, **facts) -> None:
         """Set-up done: the reference loss for divergence, and facts for the summary (device, ...)."""
@@ -170,7 +173,8 @@ class RunMonitor:
             status, reason = records.BUDGET_EXHAUSTED, f"time budget of {budget.max_seconds} s spent"
         if status is not None:
             self.record["status"], self.record["summary"]["reason"] = status, reason
-            self.save()
+        if status is not None or time.perf_counter() - self._last_save > config.log.checkpoint_seconds:
+            self.save()  # now and then while running, so a killed job leaves a partial record
         return status is not None
 
     def fail(self, exc: BaseException) -> None:

@@ -177,7 +177,7 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
                         noise_micro_batches=k, path="packed", packed_members=M)
 
     alive = list(monitors)
-    start = last_save = time.perf_counter()
+    start = time.perf_counter()
     schedule = log_steps(config.log.relative_interval)
     next_log, step = 0, 0
     while True:
@@ -203,10 +203,6 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
                 if goals is not None:
                     goals.keep(members)
                 alive = [alive[i] for i in keep]
-            if time.perf_counter() - last_save > config.log.checkpoint_seconds:
-                for monitor in alive:
-                    monitor.save()
-                last_save = time.perf_counter()
             while next_log <= step:
                 next_log = next(schedule)
 

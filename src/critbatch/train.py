@@ -167,7 +167,7 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
                     device=str(device), setup_seconds=time.perf_counter() - setup_start,
                     noise_micro_batches=k, path="plain")
 
-    start = last_save = time.perf_counter()
+    start = time.perf_counter()
     schedule = log_steps(config.log.relative_interval)
     next_log, step = 0, 0  # log the initial state (step 0) before training
     while True:
@@ -178,9 +178,6 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
             evaluated = task.evaluate(model) if task.eval_metrics else {}
             if monitor.log(step, time.perf_counter() - start, smoothed.member_dicts()[0], evaluated, crossed):
                 return
-            if time.perf_counter() - last_save > config.log.checkpoint_seconds:
-                monitor.save()
-                last_save = time.perf_counter()
             while next_log <= step:
                 next_log = next(schedule)
 
