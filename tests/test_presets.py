@@ -49,3 +49,21 @@ def test_missing_dataset_gives_the_download_command(tmp_path, preset, dataset):
 def test_present_dataset_passes_the_data_check(tmp_path):
     write_mnist(tmp_path, n_train=64)
     check_data(expand(composed("experiment=paper_mnist", f"paths.data_dir={tmp_path}")))
+
+
+def test_git_ignored_local_config_overrides_cluster_settings(tmp_path):
+    import shutil
+    import subprocess
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "local" / "default.yaml").write_text(
+        "# @package _global_\npaths:\n  data_dir: /datasets/x\nlauncher:\n  partition: gpu\n  account: lab\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["launcher=slurm", "experiment=paper_mnist"])
+    assert cfg.launcher.partition == "gpu" and cfg.launcher.account == "lab"
+    assert cfg.task.data_dir == "/datasets/x"
+    assert cfg.launcher.gpus_per_node == 1  # the preset's resources survive
+    # ... and git keeps such a file out of the repository.
+    ignored = subprocess.run(["git", "check-ignore", "-q", "conf/local/default.yaml"], cwd=CONF.parent)
+    assert ignored.returncode == 0
