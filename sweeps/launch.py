@@ -24,6 +24,7 @@ from critbatch import records
 from critbatch.config import ConfigError
 from sweeps.grid import SweepError, check_data, expand, group_runs
 from sweeps.jobs import packs, run_group, run_group_job
+from sweeps.status import format_status, sweep_status
 
 MANIFEST = "sweep.json"
 JOBS_FILE = "jobs.json"
@@ -176,7 +177,6 @@ def launch(cfg: dict, sweep_dir: Path) -> int:
     failed = [s for s in summaries if s["status"] in (records.FAILED, "job failed")]
     for s in failed:
         print(f"FAILED {s['run']}: {s.get('error', '')}", file=sys.stderr)
-    from sweeps.status import sweep_status, format_status
     print(format_status(sweep_status(sweep_dir)))
     print(f"\nrecords: {sweep_dir / records.RUNS_DIR}\nnext:    python -m analysis.pareto {sweep_dir}")
     if failed:
