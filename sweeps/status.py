@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -14,9 +16,24 @@ from pathlib import Path
 
 from critbatch import records
 
-# A "running" record not rewritten for this long is reported as stale: its job probably died
-# without a chance to record it (SIGKILL, node failure). Relaunching reruns it.
+# A "running" record not rewritten for this long, or whose process on this machine is gone, is
+# reported as stale: its job died without a chance to record it (SIGKILL, node failure).
+# Relaunching reruns it.
 STALE_SECONDS = 600
+
+
+def _died_here(record: dict) -> bool:
+    """A running record whose process, on this very machine, no longer exists."""
+    summary = record["summary"]
+    if summary.get("host") != socket.gethostname() or not summary.get("pid"):
+        return False
+    try:
+        os.kill(summary["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def sweep_status(sweep_dir: str | Path, stale_seconds: float = STALE_SECONDS) -> dict:
@@ -33,11 +50,12 @@ def sweep_status(sweep_dir: str | Path, stale_seconds: float = STALE_SECONDS) ->
             runs[name] = "pending"
             continue
         try:
-            status = records.read_record(path)["status"]
+            record = records.read_record(path)
         except records.RecordError:
             runs[name] = "unreadable"
             continue
-        if status == records.RUNNING and now - path.stat().st_mtime > stale_seconds:
+        status = record["status"]
+        if status == records.RUNNING and (now - path.stat().st_mtime > stale_seconds or _died_here(record)):
             status = "stale"
         runs[name] = status
     return {"sweep_dir": str(sweep_dir), "runs": runs, "counts": Counter(runs.values())}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,18 @@ def test_default_launch_writes_records_and_relaunch_skips_them(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+def test_submitit_local_launcher_runs_jobs_as_subprocesses(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = launch(*[o for o in SMALL if not o.startswith("launcher.")], "launcher=submitit_local",
+                  f"hydra.sweep.dir={sweep_dir}")
+    assert done.returncode == 0, done.stderr
+    assert records.load_sweep(sweep_dir)["run_id"].nunique() == 4
+    jobs = json.loads((sweep_dir / "jobs.json").read_text())
+    assert jobs[0]["launcher"] == "submitit_local" and len(jobs[0]["job_ids"]) == 2  # one job per B
+    pids = {json.loads(p.read_text())["summary"].get("pid") for p in sweep_dir.rglob(records.RECORD_FILE)}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
 def test_relaunch_reruns_failed_and_partial_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     assert launch(*SMALL, f"hydra.sweep.dir={sweep_dir}").returncode == 0
@@ -118,7 +131,13 @@ def test_relaunch_reruns_failed_and_partial_runs(tmp_path):
         record = json.loads(path.read_text())
         record["status"] = status
         records.write_record(path, record)
-    assert sweep_status(sweep_dir)["counts"][records.FAILED] == 1
+    counts = sweep_status(sweep_dir)["counts"]
+    # The partial record's process (the finished launch) is gone: stale, not running.
+    assert counts[records.FAILED] == 1 and counts["stale"] == 1 and counts[records.RUNNING] == 0
+    record = json.loads(partial.read_text())
+    record["summary"]["pid"] = os.getpid()  # a live process on this machine: still running
+    records.write_record(partial, record)
+    assert sweep_status(sweep_dir)["counts"][records.RUNNING] == 1
     assert records.load_sweep(sweep_dir).attrs["problems"][0]["path"] == str(partial)
     again = launch(*SMALL, f"hydra.sweep.dir={sweep_dir}")
     assert again.returncode == 0, again.stderr

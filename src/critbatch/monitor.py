@@ -9,6 +9,7 @@ is one run's host-side book: it is consulted at the logged steps only.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import socket
 import time
@@ -112,7 +113,7 @@ class RunMonitor:
             "goals": [{"metric": config.goals.metric, "threshold": t, "reached": False}
                       for t in config.goals.thresholds],
             "summary": {"steps": 0, "examples": 0, "wall_time": 0.0, "reason": None, "error": None,
-                        "host": socket.gethostname(), "torch": torch.__version__,
+                        "host": socket.gethostname(), "pid": os.getpid(), "torch": torch.__version__,
                         "python": platform.python_version()},
             "curve": self.curve,
         }
