@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from critbatch import records
-from critbatch.packed import PackedOptimizer, packable, train_packed
+from critbatch.packed import PackedOptimizer, train_packed
+from critbatch.train import has_batchnorm
 from critbatch.train import train
 from sweeps.jobs import packs, run_group
 
@@ -77,8 +78,8 @@ def test_finished_and_diverged_members_stop_costing_compute(monkeypatch):
 
 
 def test_batchnorm_models_are_not_packable():
-    assert not packable(None, nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
-    assert packable(None, nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)))
+    assert has_batchnorm(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    assert not has_batchnorm(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)))
 
 
 def test_packs_follow_the_config():

@@ -12,7 +12,7 @@ The k micro-batch gradients that the noise scale needs come from one more vmap (
 micro-batches), so a measuring step costs about what a plain step does.
 
 Not for models with BatchNorm (running statistics are updated in place, which vmap cannot do per
-member): `packable` says so, and such runs go through the plain loop.
+member): such models raise NotPackable, and their runs go through the plain loop.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from critbatch.config import ConfigError, RunConfig
 from critbatch.monitor import (GoalCrossings, NoiseMeasurements, RunMonitor, SmoothedMetrics, log_steps,
                                smoothed_goal_index)
 from critbatch.tasks import Task
-from critbatch.train import BatchSampler, initial_mean_loss, next_batch, noise_micro_batches, pick_device
+from critbatch.train import (BatchSampler, has_batchnorm, initial_mean_loss, next_batch, noise_micro_batches,
+                             pick_device)
 
 
 class NotPackable(ConfigError):
@@ -41,10 +42,6 @@ def pack_key(config: RunConfig) -> str:
     values["optimizer"] = {k: v for k, v in values["optimizer"].items() if k != "lr"}
     values.pop("log", None)
     return repr(sorted(values.items()))
-
-
-def packable(task: Task, model: nn.Module) -> bool:
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 class PackedModel:
@@ -156,7 +153,7 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
     for _ in range(M):
         torch.set_rng_state(rng)
         models.append(task.make_model().to(device).train())
-    if not packable(task, models[0]):
+    if has_batchnorm(models[0]):
         raise NotPackable(f"task {task.name!r}: models with BatchNorm cannot be packed; set packing.enabled=false")
     packed = PackedModel(task, models)
     evaluation_model = models[0]  # a scratch module to evaluate one member at a time

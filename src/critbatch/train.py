@@ -98,6 +98,11 @@ def initial_mean_loss(model: nn.Module, task: Task, batch_size: int, min_example
     return total / batches
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """BatchNorm couples the examples of a batch (and updates statistics in place)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor
