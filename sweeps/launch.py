@@ -59,16 +59,26 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def finished_count(sweep_dir: Path, runs) -> int:
-    """Runs whose record is finished (any final status, failed included)."""
-    count = 0
-    for run in runs:
-        try:
-            status = records.read_record(records.run_dir(sweep_dir, run.config) / records.RECORD_FILE)["status"]
-        except records.RecordError:
-            continue
-        count += status in records.FINISHED_STATUSES
-    return count
+class FinishedRuns:
+    """Counts the submitted runs whose record this launch has finished (failed included), plus
+    those complete before it; a poll re-reads only records not yet seen finished."""
+
+    def __init__(self, sweep_dir: Path, submitted, already_complete: int):
+        self.paths = {run.name: records.run_dir(sweep_dir, run.config) / records.RECORD_FILE for run in submitted}
+        self.done: set[str] = set()
+        self.already_complete = already_complete
+        self.since = time.time() - 1.0  # a record from an earlier launch (failed, partial) is not news
+
+    def count(self) -> int:
+        for name, path in self.paths.items():
+            if name in self.done or not path.exists() or path.stat().st_mtime < self.since:
+                continue
+            try:
+                if records.read_record(path)["status"] in records.FINISHED_STATUSES:
+                    self.done.add(name)
+            except records.RecordError:
+                pass  # being replaced right now, or torn: look again at the next poll
+        return self.already_complete + len(self.done)
 
 
 def write_manifest(sweep_dir: Path, runs, cfg: dict) -> None:
@@ -115,7 +125,7 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
     return summaries
 
 
-def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress, runs) -> list[dict]:
+def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[dict]:
     executor = make_executor(sweep_dir, launcher)
     configs = [[run.config for run in group] for group in groups]
     jobs = executor.map_array(run_group_job, [str(sweep_dir)] * len(configs), configs,
@@ -131,11 +141,11 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
           file=sys.stderr)
     if not launcher.get("wait", True):
         return []
-    summaries = []
+    summaries, finished = [], FinishedRuns(sweep_dir, [run for group in groups for run in group], progress.done)
     while not all(job.done() for job in jobs):
-        progress.show(finished_count(sweep_dir, runs), note=f"{sum(not j.done() for j in jobs)} job(s) left")
+        progress.show(finished.count(), note=f"{sum(not j.done() for j in jobs)} job(s) left")
         time.sleep(2)
-    progress.show(finished_count(sweep_dir, runs))
+    progress.show(finished.count())
     for job, group in zip(jobs, groups):
         try:
             summaries += job.result()
@@ -167,7 +177,7 @@ def launch(cfg: dict, sweep_dir: Path) -> int:
         if launcher["name"] == "local":
             summaries = launch_local(sweep_dir, groups, launcher, cfg.get("packing"), progress)
         else:
-            summaries = launch_submitit(sweep_dir, groups, launcher, cfg.get("packing"), progress, runs)
+            summaries = launch_submitit(sweep_dir, groups, launcher, cfg.get("packing"), progress)
         progress.close()
         if launcher["name"] != "local" and not launcher.get("wait", True):
             print(f"\nDetached. Check on it:   python -m sweeps.status {sweep_dir}\n"
