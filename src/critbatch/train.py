@@ -83,15 +83,13 @@ def initial_mean_loss(model: nn.Module, task: Task, batch_size: int, min_example
     be ~0, and a healthy run would then look diverged.) Uses its own random stream, so the training
     batches are unchanged, and restores the model's buffers (batch-norm statistics)."""
     generator = torch.Generator(device=device).manual_seed(seed + 7_919)
+    sampler = None if task.dataset_size is None else BatchSampler(task.dataset_size, batch_size,
+                                                                   "with_replacement", generator, device)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     batches = max(1, math.ceil(min_examples / batch_size))
     total = 0.0
     for _ in range(batches):
-        if task.dataset_size is None:
-            x, y = task.sample(batch_size, generator)
-        else:
-            index = torch.randint(task.dataset_size, (batch_size,), generator=generator, device=device)
-            x, y = task.inputs.index_select(0, index), task.targets.index_select(0, index)
+        x, y = next_batch(task, sampler, batch_size, generator)
         total += float(task.loss(model(x), y))
     for name, b in model.named_buffers():
         b.copy_(buffers[name])
