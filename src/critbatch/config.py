@@ -167,6 +167,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# The nested sections of RunConfig, by the annotation string their fields carry.
+_SECTIONS = {section.__name__: section for section in (OptimizerConfig, GoalsConfig, BudgetConfig, NoiseScaleConfig,
+                                                       SmoothingConfig, DivergenceConfig, LogConfig)}
+
+
 def _from_dict(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
@@ -177,10 +182,7 @@ def _from_dict(cls, values: dict, prefix: str):
                           f"known: {[prefix + k for k in fields]}")
     kwargs = {}
     for name, value in values.items():
-        kind = fields[name].type
-        sub = {"OptimizerConfig": OptimizerConfig, "GoalsConfig": GoalsConfig, "BudgetConfig": BudgetConfig,
-               "NoiseScaleConfig": NoiseScaleConfig, "SmoothingConfig": SmoothingConfig,
-               "DivergenceConfig": DivergenceConfig, "LogConfig": LogConfig}.get(kind)
+        sub = _SECTIONS.get(fields[name].type)
         if sub is not None:
             value = _from_dict(sub, dict(value) if isinstance(value, dict) else value, f"{prefix}{name}.")
         elif name == "thresholds":
