@@ -5,7 +5,9 @@
   (b) eager:      critbatch's plain loop — data on the device, batches by index_select
                   (critbatch.train.next_batch + compute_gradients + torch.optim);
   (c) packed:     critbatch's fast path — M learning rates as one vmapped model
-                  (critbatch.packed.PackedModel + PackedOptimizer), time per model-step.
+                  (critbatch.packed.PackedModel + PackedOptimizer + PackedSteps), time per
+                  model-step; on CUDA each step is replayed from a CUDA graph, as in a sweep;
+  (c1) packed x1: the same path for a single run (on CUDA: the graph alone, no packing gain).
 
 Also (d) the noise-scale measuring step's cost at the default interval, on the packed path.
 Ratios are against (b) measured in the same run; rounds are interleaved so a noisy machine hurts
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 
 from critbatch.config import OptimizerConfig
-from critbatch.packed import PackedModel, PackedOptimizer
+from critbatch.cuda_graphs import WARMUP_CALLS, use_cuda_graphs
+from critbatch.packed import PackedModel, PackedOptimizer, PackedSteps
 from critbatch.tasks import build_task
 from critbatch.train import BatchSampler, compute_gradients, make_optimizer, next_batch
 
@@ -95,13 +98,14 @@ def packed_loop(task, batch_size, steps, device, members, measure_every=0):
     generator = torch.Generator(device=device).manual_seed(0)
     sampler = BatchSampler(task.dataset_size, batch_size, "with_replacement", generator, device)
     k = 4 if batch_size % 4 == 0 else 1
+    train_step = PackedSteps(packed, optimizer, k, use_cuda_graphs("auto", device))
+    for step in range(2 * (WARMUP_CALLS + 1)):  # let both graphs (plain, measuring) be captured first
+        train_step(*next_batch(task, sampler, batch_size, generator), bool(measure_every) and step % 2 == 0)
     synchronize(device)
     start = time.perf_counter()
     for step in range(steps):
         x, y = next_batch(task, sampler, batch_size, generator)
-        measure = measure_every and step % measure_every == 0
-        grads, _, _ = packed.gradients(x, y, k if measure else 1)
-        optimizer.step(packed.params, grads)
+        train_step(x, y, bool(measure_every) and step % measure_every == 0)
     synchronize(device)
     return (time.perf_counter() - start) / steps / members
 
@@ -138,22 +142,26 @@ def main(argv=None):
     print(f"# {args.task} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.members} packed members, "
           f"median of {args.rounds} interleaved rounds")
-    print(f"{'B':>6} {'dataloader':>11} {'eager':>9} {'packed':>9} {'packed+gns':>11}   "
-          f"{'model-steps/s (eager)':>22} {'eager/dataloader':>17} {'eager/packed':>13} {'gns cost':>9}")
+    loops = {"dataloader": lambda B, n: dataloader_loop(task, B, n, device),
+             "eager": lambda B, n: eager_loop(task, B, n, device),
+             "packed": lambda B, n: packed_loop(task, B, n, device, args.members),
+             "packed x1": lambda B, n: packed_loop(task, B, n, device, 1),
+             "packed+gns": lambda B, n: packed_loop(task, B, n, device, args.members, measure_every=10)}
+    print("model-steps per second (ratio: over eager, measured in the same rounds); gns: the noise-scale "
+          "cost on the packed path, measuring every 10th step")
+    print(f"{'B':>6} " + " ".join(f"{name:>18}" for name in loops if name != "packed+gns") + f" {'gns cost':>9}")
     for batch_size in args.batch_sizes:
         steps = args.steps or max(20, min(400, 40_000 // batch_size))
-        timings = {"dataloader": [], "eager": [], "packed": [], "packed+gns": []}
-        for loop in (eager_loop, packed_loop):  # warm up (allocator, kernels, vmap tracing)
-            loop(task, batch_size, 5, device, *([args.members] if loop is packed_loop else []))
+        for name in ("eager", "packed"):  # warm up (allocator, kernels, vmap tracing)
+            loops[name](batch_size, 5)
+        timings = {name: [] for name in loops}
         for _ in range(args.rounds):
-            timings["dataloader"].append(dataloader_loop(task, batch_size, steps, device))
-            timings["eager"].append(eager_loop(task, batch_size, steps, device))
-            timings["packed"].append(packed_loop(task, batch_size, steps, device, args.members))
-            timings["packed+gns"].append(packed_loop(task, batch_size, steps, device, args.members, measure_every=10))
+            for name, loop in loops.items():
+                timings[name].append(loop(batch_size, steps))
         t = {name: statistics.median(v) for name, v in timings.items()}
-        print(f"{batch_size:>6} {t['dataloader'] * 1e3:>9.3f}ms {t['eager'] * 1e3:>7.3f}ms {t['packed'] * 1e3:>7.3f}ms "
-              f"{t['packed+gns'] * 1e3:>9.3f}ms   {1 / t['eager']:>22.0f} {t['dataloader'] / t['eager']:>17.2f} "
-              f"{t['eager'] / t['packed']:>13.2f} {t['packed+gns'] / t['packed'] - 1:>8.1%}", flush=True)
+        cells = [f"{1 / t[name]:>9.0f} ({t['eager'] / t[name]:>5.2f}x)" for name in loops if name != "packed+gns"]
+        print(f"{batch_size:>6} " + " ".join(f"{c:>18}" for c in cells) + f" {t['packed+gns'] / t['packed'] - 1:>8.1%}",
+              flush=True)
     if args.sweep:
         for line in time_sweeps(args.rounds):
             print(line)

@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# The device checks for a session that is lent a GPU, as one short script (a few minutes):
-# the fast-path table (issue: GPU-fast sweeps) and per-task step times (issue: paper tasks).
+# The device checks for a session that is lent a GPU, as one short script (about 6 minutes):
+#   1. the CUDA-graph tests (a replayed packed step gives the eager step's records),
+#   2. the fast-path table (issue: GPU-fast sweeps) for the paper's MNIST CNN with 8 and 32 members
+#      and for digits, and per-task step times (issue: paper tasks),
+#   3. the default sweep with packing on and off, where Hydra and submitit are importable
+#      (carry their wheels: see the device tool's README).
 #   bash scripts/gpu_check.sh [OUT_DIR]
-# Needs torch (and torchvision for the paper tasks' models) but neither Hydra nor submitit.
+# Needs torch, scikit-learn and pytest (the GPU image has them), not Hydra or submitit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$out"
-export PYTHONPATH=src:. PYTHONUNBUFFERED=1
+export PYTHONPATH=src:.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
-for task in mnist digits; do
-  timeout 240 python scripts/bench_fast_path.py --task "$task" --members 8 --rounds 3 2>&1 | tee "$out/fast_path_$task.txt"
-done
-timeout 180 python scripts/bench_task_steps.py 2>&1 | tee "$out/task_steps.txt"
+timeout 120 python -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee "$out/cuda_graph_tests.txt"
+{
+  timeout 150 python scripts/bench_fast_path.py --task mnist --members 8 --rounds 3
+  timeout 90 python scripts/bench_fast_path.py --task mnist --members 32 --rounds 3 --batch-sizes 16 64 256
+  timeout 90 python scripts/bench_fast_path.py --task digits --members 8 --rounds 3
+} 2>&1 | tee "$out/fast_path.txt"
+timeout 90 python scripts/bench_task_steps.py 2>&1 | tee "$out/task_steps.txt"
+if python -c "import hydra, submitit" 2>/dev/null; then
+  timeout 120 python scripts/bench_fast_path.py --task digits --batch-sizes 16 --rounds 1 --sweep 2>&1 | tee "$out/sweep.txt"
+fi

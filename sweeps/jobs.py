@@ -26,32 +26,41 @@ def _raise_killed(signum, frame):
                     f"(cancelled, preempted or out of time); relaunch the sweep to rerun this run")
 
 
-def packs(configs: list[dict], packing: dict | None) -> list[list[dict]]:
-    """Runs that may train as one packed model (they differ only in lr, and B is small enough
-    for packing to pay), at most packing.max_members each; every other run alone."""
+def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], bool]]:
+    """(runs, packed) pairs: runs that may train as one packed model (they differ only in lr, and
+    B is small enough for packing to pay), at most packing.max_members each, with packed=True;
+    every other run alone, with packed=False."""
     import torch
 
     packing = packing or {}
     enabled = packing.get("enabled", False)
     if enabled not in (True, False, "auto"):
         raise ConfigError(f"packing.enabled={enabled!r}; choose true, false or auto")
+    if packing.get("cuda_graphs", "auto") not in (True, False, "auto"):
+        raise ConfigError(f"packing.cuda_graphs={packing['cuda_graphs']!r}; choose true, false or auto")
     # auto: packing pays where kernel launches dominate, on a GPU; on a CPU the plain loop is as fast.
     on_gpu = torch.cuda.is_available()
     by_key: dict[str, list[dict]] = {}
     for config in configs:
         wanted = enabled is True or (enabled == "auto" and on_gpu and config["device"] != "cpu")
         small = config["batch_size"] <= packing.get("max_batch_size", 256)
-        key = pack_key(RunConfig.from_dict(config)) if wanted and small else f"alone:{len(by_key)}"
+        key = "packed:" + pack_key(RunConfig.from_dict(config)) if wanted and small else f"alone:{len(by_key)}"
         by_key.setdefault(key, []).append(config)
     size = max(1, int(packing.get("max_members", 32)))
-    return [group[i:i + size] for group in by_key.values() for i in range(0, len(group), size)]
+    return [(group[i:i + size], key.startswith("packed:"))
+            for key, group in by_key.items() for i in range(0, len(group), size)]
 
 
-def _train_pack(sweep_dir: str, pack: list[dict]) -> list[dict]:
+def _train_pack(sweep_dir: str, pack: list[dict], packed: bool, cuda_graphs: bool | str) -> list[dict]:
+    import torch
+
     out_dirs = [records.run_dir(sweep_dir, c) for c in pack]
-    if len(pack) > 1:
+    # A pack of one gains only from its CUDA graph: without one, vmap over a single member is
+    # slower than the plain loop (scripts/bench_fast_path.py, "packed x1").
+    graphed = cuda_graphs is not False and torch.cuda.is_available() and pack[0]["device"] != "cpu"
+    if packed and (len(pack) > 1 or graphed):
         try:
-            return train_packed(pack, out_dirs)
+            return train_packed(pack, out_dirs, cuda_graphs=cuda_graphs)
         except NotPackable:
             pass
     return [train(c, d) for c, d in zip(pack, out_dirs)]  # plain path (BatchNorm models, or alone)
@@ -78,9 +87,10 @@ def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
         else:
             todo.append(config)
     try:
-        for pack in packs(todo, packing):
+        cuda_graphs = (packing or {}).get("cuda_graphs", "auto")
+        for pack, packed in packs(todo, packing):
             try:
-                for record in _train_pack(sweep_dir, pack):
+                for record in _train_pack(sweep_dir, pack, packed, cuda_graphs):
                     summaries.append({"run": record["run_name"], "status": record["status"], "skipped": False,
                                       "path": record["summary"].get("path")})
             except JobKilled:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from critbatch import records
+from critbatch.config import ConfigError
 from critbatch.packed import PackedOptimizer, train_packed
 from critbatch.train import has_batchnorm
 from critbatch.train import train
@@ -86,11 +87,13 @@ def test_packs_follow_the_config():
     small, large = digits_configs("sgd", batch_size=32), digits_configs("sgd", batch_size=1024)
     packing = {"enabled": True, "max_batch_size": 256, "max_members": 2}
     groups = packs(small + large, packing)
-    assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 2]  # 3 small lrs in packs of <= 2; large alone
-    assert all(len(g) == 1 for g in groups if g[0]["batch_size"] == 1024)
-    assert [len(g) for g in packs(small, {"enabled": False})] == [1, 1, 1]
+    assert sorted((len(g), packed) for g, packed in groups) == [(1, False)] * 3 + [(1, True), (2, True)]
+    assert all(not packed for g, packed in groups if g[0]["batch_size"] == 1024)  # large B: alone
+    assert packs(small, {"enabled": False}) == [([c], False) for c in small]
     mixed = small[:1] + [{**small[1], "seed": 7}]  # another seed: another batch stream, not packable
-    assert [len(g) for g in packs(mixed, packing)] == [1, 1]
+    assert [len(g) for g, _ in packs(mixed, packing)] == [1, 1]
+    with pytest.raises(ConfigError, match="packing.cuda_graphs='yes'"):
+        packs(small, {**packing, "cuda_graphs": "yes"})
 
 
 def test_a_sweep_group_gives_the_same_records_packed_or_not(tmp_path):

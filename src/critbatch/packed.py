@@ -10,6 +10,9 @@ RunMonitor: the same batches in the same order, the same smoothing and goal cros
 that finish or diverge leave the pack at the next logged step and stop costing compute.
 The k micro-batch gradients that the noise scale needs come from one more vmap (over the
 micro-batches), so a measuring step costs about what a plain step does.
+On a CUDA device the step (and the measuring step) is captured once in a CUDA graph and replayed
+(critbatch.cuda_graphs): the vmapped step's many small kernels then cost one launch, which is what
+makes a pack — even a pack of one run — fast at small batch sizes.
 
 Not for models with BatchNorm (running statistics are updated in place, which vmap cannot do per
 member): such models raise NotPackable, and their runs go through the plain loop.
@@ -17,6 +20,7 @@ member): such models raise NotPackable, and their runs go through the plain loop
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from critbatch.config import ConfigError, RunConfig
+from critbatch.cuda_graphs import GraphedStep, use_cuda_graphs
 from critbatch.monitor import (GoalCrossings, NoiseMeasurements, RunMonitor, SmoothedMetrics, log_steps,
                                smoothed_goal_index)
 from critbatch.tasks import Task
@@ -90,7 +95,9 @@ class PackedOptimizer:
     the update rules of torch.optim (so a member follows its unpacked twin within float rounding)."""
 
     def __init__(self, params: dict[str, torch.Tensor], opt, lrs: torch.Tensor):
-        self.opt, self.lrs, self.steps = opt, lrs, 0
+        self.opt, self.lrs = opt, lrs
+        # A tensor, not a Python int, so that a step replayed from a CUDA graph counts too.
+        self.steps = torch.zeros((), dtype=torch.float64, device=lrs.device)
         self.state = {name: {} for name in params}
 
     def _lr(self, p: torch.Tensor) -> torch.Tensor:
@@ -98,7 +105,7 @@ class PackedOptimizer:
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
-        self.steps += 1
+        self.steps.add_(1)
         opt = self.opt
         for name, p in params.items():
             g = grads[name]
@@ -124,15 +131,45 @@ class PackedOptimizer:
         self.state = {name: {k: v[members] for k, v in s.items()} for name, s in self.state.items()}
 
 
-def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | None]) -> list[dict]:
-    """Train runs that differ only in lr as one packed model; return their records (as `train`)."""
+class PackedSteps:
+    """The pack's training step — per-member gradients, then the update — for a plain step and for
+    a measuring one (k micro-batches), each replayed from a CUDA graph when `graphs` is on."""
+
+    def __init__(self, packed: PackedModel, optimizer: PackedOptimizer, micro_batches: int, graphs: bool):
+        self.packed, self.optimizer, self.k, self.graphs = packed, optimizer, micro_batches, graphs
+        self.reset()
+
+    def reset(self) -> None:
+        """Call after members left the pack: the parameters moved, so captured graphs are stale."""
+        self._steps = {m: GraphedStep(functools.partial(self._step, micro_batches=m), self.graphs)
+                       for m in {1, self.k}}
+
+    def _step(self, x, y, micro_batches):
+        grads, metrics, norms = self.packed.gradients(x, y, micro_batches)
+        self.optimizer.step(self.packed.params, grads)
+        return metrics, norms
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, measure: bool):
+        """One step on batch (x, y): (metrics, noise-scale norms or None)."""
+        return self._steps[self.k if measure else 1](x, y)
+
+    @property
+    def failure(self) -> str | None:
+        """Why a CUDA graph could not be captured (the step then runs eagerly), if one could not."""
+        return next((s.failure for s in self._steps.values() if s.failure), None)
+
+
+def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | None],
+                 cuda_graphs: bool | str = "auto") -> list[dict]:
+    """Train runs that differ only in lr as one packed model; return their records (as `train`).
+    cuda_graphs: replay each step from a CUDA graph (auto: on a CUDA device; see cuda_graphs.py)."""
     configs = [RunConfig.from_dict(c) if isinstance(c, dict) else c for c in configs]
     if len({pack_key(c) for c in configs}) != 1:
         raise ConfigError("train_packed: the runs of a pack may differ only in optimizer.lr")
     task = configs[0].validate()
     monitors = [RunMonitor(c, d) for c, d in zip(configs, out_dirs)]
     try:
-        _packed_loop(configs[0], task, monitors, [c.optimizer.lr for c in configs])
+        _packed_loop(configs[0], task, monitors, [c.optimizer.lr for c in configs], cuda_graphs)
     except Exception as exc:
         for monitor in monitors:
             if not monitor.finished:
@@ -141,9 +178,11 @@ def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | No
     return [m.record for m in monitors]
 
 
-def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs: list[float]) -> None:
+def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs: list[float],
+                 cuda_graphs: bool | str) -> None:
     setup_start = time.perf_counter()
     device = pick_device(config.device)
+    graphs = use_cuda_graphs(cuda_graphs, device)
     B, M = config.batch_size, len(monitors)
     # The same seeding as the plain loop, so every member starts where its twin starts.
     torch.manual_seed(config.seed)
@@ -171,7 +210,8 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
     initial_loss = initial_mean_loss(models[0], task, B, config.smoothing.min_examples, config.seed, device)
     for monitor in monitors:
         monitor.started(initial_loss, device=str(device), setup_seconds=time.perf_counter() - setup_start,
-                        noise_micro_batches=k, path="packed", packed_members=M)
+                        noise_micro_batches=k, path="packed", packed_members=M, cuda_graphs=graphs)
+    train_step = PackedSteps(packed, optimizer, k, graphs)
 
     alive = list(monitors)
     start = time.perf_counter()
@@ -183,11 +223,14 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
             now = time.perf_counter() - start
             crossed = (goals.crossed_at.tolist() if goals is not None
                        else [[-1.0] * len(config.goals.thresholds)] * len(alive))
+            failure = train_step.failure
             for i, (monitor, metrics) in enumerate(zip(alive, smoothed.member_dicts())):
                 evaluated = {}
                 if task.eval_metrics:
                     evaluation_model.load_state_dict(packed.member_state(i))
                     evaluated = task.evaluate(evaluation_model)
+                if failure:
+                    monitor.record["summary"].update(cuda_graphs=False, cuda_graph_failure=failure)
                 monitor.log(step, now, metrics, evaluated, crossed[i])
             keep = [i for i, m in enumerate(alive) if not m.finished]
             if not keep:
@@ -200,18 +243,18 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
                 if goals is not None:
                     goals.keep(members)
                 alive = [alive[i] for i in keep]
+                train_step.reset()
             while next_log <= step:
                 next_log = next(schedule)
 
         x, y = next_batch(task, sampler, B, data_generator)
         measure = k > 1 and step % config.noise_scale.every == 0
-        grads, metrics, norms = packed.gradients(x, y, k if measure else 1)
+        metrics, norms = train_step(x, y, measure)
         if measure:
             noise.add(*norms)
         smoothed.update(metrics, step)
         if goals is not None:
             goals.update(smoothed)
-        optimizer.step(packed.params, grads)
         step += 1
         if config.budget.max_seconds is not None and step % 64 == 0 \
                 and time.perf_counter() - start >= config.budget.max_seconds:

@@ -1,0 +1,77 @@
+"""The CUDA-graph replay of a packed step gives the eager step's results. Needs a GPU: skipped on
+machines without one (CI); scripts/gpu_check.sh runs it where a GPU is lent."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from critbatch.config import ConfigError
+from critbatch.cuda_graphs import GraphedStep, use_cuda_graphs
+from critbatch.packed import train_packed
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_the_setting_is_checked():
+    assert not use_cuda_graphs("auto", torch.device("cpu"))
+    assert not use_cuda_graphs(False, torch.device("cuda"))
+    assert use_cuda_graphs("auto", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        use_cuda_graphs(True, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="choose true, false or auto"):
+        use_cuda_graphs("yes", torch.device("cpu"))
+
+
+def test_eager_graphed_step_runs_the_function_on_its_static_inputs():
+    state = torch.zeros(3)
+
+    def step(x):
+        state.add_(x)
+        return state * 2
+
+    graphed = GraphedStep(step, use_graph=False)
+    for i in range(5):
+        out = graphed(torch.full((3,), float(i)))
+    assert torch.equal(out, torch.full((3,), 20.0)) and not graphed.captured
+
+
+@needs_cuda
+def test_a_replayed_step_follows_new_inputs_and_state():
+    state = torch.zeros(4, device="cuda")
+    count = torch.zeros((), device="cuda")
+
+    def step(x):
+        count.add_(1)
+        state.mul_(0.5).add_(x * count)
+        return {"state": state.clone(), "norm": state.norm()}
+
+    graphed = GraphedStep(step, use_graph=True, warmup=2)
+    expected = torch.zeros(4, device="cuda")
+    for i in range(1, 9):
+        x = torch.randn(4, device="cuda")
+        out = graphed(x)
+        expected = expected * 0.5 + x * i
+        assert torch.allclose(out["state"], expected) and torch.allclose(out["norm"], expected.norm())
+    assert graphed.captured and graphed.failure is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer,lrs", [("momentum", [0.02, 0.1, 5.0]), ("adam", [0.002, 0.01, 1.0])])
+def test_packed_runs_give_the_same_records_with_and_without_graphs(optimizer, lrs):
+    base = {"task": {"name": "digits", "hidden": 32}, "batch_size": 32, "device": "cuda",
+            "goals": {"metric": "train_error", "thresholds": [0.3, 0.1, 0.05]}, "budget": {"max_steps": 600}}
+    configs = [{**base, "optimizer": {"name": optimizer, "lr": lr}} for lr in lrs]
+    eager = train_packed(configs, [None] * 3, cuda_graphs=False)
+    graphed = train_packed(configs, [None] * 3, cuda_graphs=True)
+    assert all(r["summary"]["cuda_graphs"] is True and "cuda_graph_failure" not in r["summary"] for r in graphed)
+    for a, b in zip(eager, graphed):
+        assert a["status"] == b["status"] and a["summary"]["steps"] == b["summary"]["steps"]
+        for goal_a, goal_b in zip(a["goals"], b["goals"]):
+            assert goal_a["reached"] == goal_b["reached"]
+            if goal_a["reached"]:
+                assert goal_b["step"] == pytest.approx(goal_a["step"], abs=1e-3)
+                assert goal_b["b_simple"] == pytest.approx(goal_a["b_simple"], rel=1e-3)
+        for key in ("train_loss", "b_simple"):
+            x = torch.tensor(a["curve"][key], dtype=torch.float64)
+            y = torch.tensor(b["curve"][key], dtype=torch.float64)
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True), key
