@@ -16,19 +16,24 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from critbatch.gns import NoiseScale, micro_batch_sq_norms, unbiased_sq_norm_and_trace
+from critbatch.micro_grads import MicroBatchNorms
 from critbatch.tasks import build_task
 from critbatch.train import BatchSampler, compute_gradients, next_batch
 
 Z = 4.0  # tolerance in standard errors
 
 
-def draw_sq_norms(model, task, n_draws, batch_size, micro_batches, generator, sampler=None):
+MEASUREMENTS = ["one pass", "k passes"]  # critbatch.micro_grads, or k passes of B/k examples
+
+
+def draw_sq_norms(model, task, n_draws, batch_size, micro_batches, generator, sampler=None, how="one pass"):
     """(small, big) squared norms from n independent batches, through train's own code path."""
     small, big = np.empty(n_draws), np.empty(n_draws)
+    norms = MicroBatchNorms(model) if how == "one pass" else None
     for i in range(n_draws):
         x, y = next_batch(task, sampler, batch_size, generator)
         model.zero_grad(set_to_none=True)
-        result = compute_gradients(model, task, x, y, micro_batches)
+        result = compute_gradients(model, task, x, y, micro_batches, norms)
         small[i], big[i] = float(result.small_sq_norm), float(result.big_sq_norm)
     return small, big
 
@@ -69,8 +74,8 @@ LINREG_B, LINREG_K, LINREG_DRAWS = 128, 4, 3000
 LINREG = {"dim": 64, "decay": 1.0, "noise_std": 1.0, "target_scale": 3.0, "problem_seed": 1234}
 
 
-@pytest.fixture(scope="module")
-def linreg_draws():
+@pytest.fixture(scope="module", params=MEASUREMENTS)
+def linreg_draws(request):
     torch.manual_seed(0)
     task = build_task("linreg", **LINREG)
     task.load("cpu")
@@ -79,7 +84,7 @@ def linreg_draws():
         model.weight.copy_(-task.w_star.float().reshape(1, -1))
     exact = task.exact(model.weight)
     generator = torch.Generator().manual_seed(1)
-    small, big = draw_sq_norms(model, task, LINREG_DRAWS, LINREG_B, LINREG_K, generator)
+    small, big = draw_sq_norms(model, task, LINREG_DRAWS, LINREG_B, LINREG_K, generator, how=request.param)
     return exact, small, big
 
 
@@ -186,7 +191,8 @@ def test_digits_exact_per_example_statistics_agree_with_full_batch_gradient():
     assert sq_norm == pytest.approx(full, rel=1e-4)
 
 
-def test_digits_online_estimator_matches_exact_b_simple():
+@pytest.mark.parametrize("how", MEASUREMENTS)
+def test_digits_online_estimator_matches_exact_b_simple(how):
     torch.manual_seed(0)
     task = build_task("digits", hidden=64, dropout=0.0)
     task.load("cpu")
@@ -196,7 +202,7 @@ def test_digits_online_estimator_matches_exact_b_simple():
 
     generator = torch.Generator().manual_seed(2)
     sampler = BatchSampler(task.dataset_size, DIGITS_B, "with_replacement", generator, "cpu")
-    small, big = draw_sq_norms(model, task, DIGITS_DRAWS, DIGITS_B, DIGITS_K, generator, sampler)
+    small, big = draw_sq_norms(model, task, DIGITS_DRAWS, DIGITS_B, DIGITS_K, generator, sampler, how)
     sq_norm, trace = unbiased_estimates(small, big, DIGITS_B // DIGITS_K, DIGITS_B)
 
     for name, values, truth in (("|G|^2", sq_norm, exact_sq_norm), ("tr(Sigma)", trace, exact_trace)):

@@ -2,8 +2,8 @@
 
 Reads top to bottom: set up, then one loop. Every step draws a batch (i.i.d. with replacement by
 default, as the theory assumes), computes the full-batch gradient, and every `noise_scale.every`
-steps computes it as k micro-batch gradients instead, which also gives the two squared norms
-that the B_simple estimator needs. Goals are judged on training metrics smoothed by an EMA whose
+steps also the k micro-batch gradients' squared norms that the B_simple estimator needs — from the
+same pass (critbatch.micro_grads), or from k passes of B/k for layers it has no rule for. Goals are judged on training metrics smoothed by an EMA whose
 window grows with the step count (a fixed fraction of it), and whose centre of mass is tracked,
 so the step at which a goal is crossed is known to a few percent whatever the batch size.
 At geometrically spaced steps the loop logs a curve point, checks divergence and the budget, and
@@ -11,6 +11,7 @@ now and then rewrites the partial record, so a killed job leaves a record marked
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import nn
 
 from critbatch.config import ConfigError, RunConfig
 from critbatch.gns import micro_batch_sq_norms
+from critbatch.micro_grads import MicroBatchNorms
 from critbatch.monitor import (GoalCrossings, NoiseMeasurements, RunMonitor, SmoothedMetrics, log_steps,
                                smoothed_goal_index)
 from critbatch.tasks import Task
@@ -110,16 +112,21 @@ class StepResult:
 
 
 def compute_gradients(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor,
-                      micro_batches: int = 1) -> StepResult:
+                      micro_batches: int = 1, norms: MicroBatchNorms | None = None) -> StepResult:
     """Set p.grad to the full-batch gradient of the mean loss; with k > 1 micro-batches, also
-    return the squared norms that the noise-scale estimator needs (the update is unchanged,
-    because the mean of the k micro-batch gradients is exactly the full-batch gradient)."""
+    return the squared norms that the noise-scale estimator needs. With `norms` (a supported
+    MicroBatchNorms of this model) they come from the same single pass; else from k passes of
+    B/k examples, whose mean gradient is again exactly the full-batch gradient."""
+    if micro_batches <= 1 or norms is not None:
+        with norms.recording() if micro_batches > 1 else contextlib.nullcontext():
+            output = model(x)
+            loss = task.loss(output, y)
+            loss.backward()
+        result = StepResult(loss.detach(), task.metrics(output, y, loss))
+        if micro_batches > 1:
+            result.small_sq_norm, result.big_sq_norm = norms.sq_norms(micro_batches)
+        return result
     params = [p for p in model.parameters() if p.requires_grad]
-    if micro_batches <= 1:
-        output = model(x)
-        loss = task.loss(output, y)
-        loss.backward()
-        return StepResult(loss.detach(), task.metrics(output, y, loss))
     micro_grads, outputs, losses = [], [], []
     for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
         output = model(xs)
@@ -166,9 +173,12 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
     goals = None if goal_index is None else GoalCrossings(config.goals.thresholds, goal_index, 1, device)
     k = noise_micro_batches(B, config.noise_scale.micro_batches) if config.noise_scale.enabled else 1
     noise = NoiseMeasurements(B // k, B)
+    norms = MicroBatchNorms(model)  # measuring steps in one pass where the model's layers allow
+    norms = norms if norms.supported else None
     monitor.started(initial_mean_loss(model, task, B, config.smoothing.min_examples, config.seed, device),
                     device=str(device), setup_seconds=time.perf_counter() - setup_start,
-                    noise_micro_batches=k, path="plain")
+                    noise_micro_batches=k, noise_measurement="one pass" if norms else f"{k} passes",
+                    path="plain")
 
     start = time.perf_counter()
     schedule = log_steps(config.log.relative_interval)
@@ -188,7 +198,7 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
         x, y = next_batch(task, sampler, B, data_generator)
         measure = k > 1 and step % config.noise_scale.every == 0
         optimizer.zero_grad(set_to_none=True)
-        result = compute_gradients(model, task, x, y, k if measure else 1)
+        result = compute_gradients(model, task, x, y, k if measure else 1, norms)
         if measure:
             noise.add(result.small_sq_norm, result.big_sq_norm)
         smoothed.update(result.metrics, step)
