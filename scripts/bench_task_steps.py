@@ -4,8 +4,8 @@
     python scripts/bench_task_steps.py --device cuda        # B in 16, 64, 256, 4096
 
 A step is what critbatch.train does: compute_gradients (one forward and backward pass; with
---micro-batches k also the k-micro-batch pass that measures B_simple, as on every
-noise_scale.every-th step) and an SGD update. Times are the fastest (and the median) of --steps
+--micro-batches k also a measuring step, as on every noise_scale.every-th step: the one-pass
+micro-batch norms of critbatch.micro_grads, and for comparison k passes of B/k) and an SGD update. Times are the fastest (and the median) of --steps
 steps after --warmup steps, all variants taking turns (on a busy machine --threads 1 is steadier:
 with several threads one descheduled thread stalls each op). Ratios to the `digits` task at the
 same batch size use the fastest, so a sweep's cost can be scaled from a digits sweep on the same
@@ -21,6 +21,7 @@ import time
 import torch
 
 from critbatch.tasks import build_task
+from critbatch.micro_grads import MicroBatchNorms
 from critbatch.train import compute_gradients, pick_device
 
 TASKS = ("digits", "mnist", "fashion_mnist", "svhn", "cifar10")
@@ -30,7 +31,8 @@ INPUT_SHAPES = {"digits": (64,)}  # the image tasks carry theirs as `input_shape
 class Step:
     """One task's model, optimizer and synthetic batch; calling it times one training step."""
 
-    def __init__(self, name: str, batch_size: int, device: torch.device, micro_batches: int):
+    def __init__(self, name: str, batch_size: int, device: torch.device, micro_batches: int,
+                 one_pass: bool = True):
         torch.manual_seed(0)
         self.task = build_task(name)
         shape = getattr(self.task, "input_shape", None) or INPUT_SHAPES[name]
@@ -40,6 +42,7 @@ class Step:
         self.x = torch.randn(batch_size, *shape, device=device)
         self.y = torch.randint(10, (batch_size,), device=device)
         self.device, self.micro_batches = device, micro_batches
+        self.norms = MicroBatchNorms(self.model) if one_pass and micro_batches > 1 else None
         self.times: list[float] = []
 
     def __call__(self) -> float:
@@ -47,7 +50,7 @@ class Step:
             torch.cuda.synchronize()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        compute_gradients(self.model, self.task, self.x, self.y, self.micro_batches)
+        compute_gradients(self.model, self.task, self.x, self.y, self.micro_batches, self.norms)
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -90,19 +93,24 @@ def main(argv=None) -> None:
     k = args.micro_batches
     head = f"{'task':<14}{'B':>6}{'ms/step':>10}{'(median)':>10}{'x digits':>10}{'examples/s':>12}"
     if k > 1:
-        head += f"{f'ms k={k}':>10}{'(median)':>10}{'x plain':>9}"
+        head += f"{f'one pass k={k}':>15}{'x plain':>9}{f'{k} passes':>10}{'x plain':>9}"
     print(head)
     for batch_size in batch_sizes:
         runs = [Step(name, batch_size, device, 1) for name in tasks]
-        if k > 1 and batch_size % k == 0:
-            runs += [Step(name, batch_size, device, k) for name in tasks]
+        measuring = k > 1 and batch_size % k == 0
+        if measuring:
+            runs += [Step(name, batch_size, device, k, one_pass=True) for name in tasks]
+            runs += [Step(name, batch_size, device, k, one_pass=False) for name in tasks]
         times = time_steps(runs, steps, args.warmup)
-        plain, measured = times[:len(tasks)], times[len(tasks):] or [None] * len(tasks)
-        for name, (seconds, median), with_k in zip(tasks, plain, measured):
+        n = len(tasks)
+        plain = times[:n]
+        one_pass, k_passes = (times[n:2 * n], times[2 * n:]) if measuring else ([None] * n, [None] * n)
+        for name, (seconds, median), with_k, with_passes in zip(tasks, plain, one_pass, k_passes):
             line = (f"{name:<14}{batch_size:>6}{seconds * 1e3:>10.2f}{median * 1e3:>10.2f}"
                     f"{seconds / plain[0][0]:>10.1f}{batch_size / seconds:>12.0f}")
             if with_k is not None:
-                line += f"{with_k[0] * 1e3:>10.2f}{with_k[1] * 1e3:>10.2f}{with_k[0] / seconds:>9.2f}"
+                line += (f"{with_k[0] * 1e3:>15.2f}{with_k[0] / seconds:>9.2f}"
+                         f"{with_passes[0] * 1e3:>10.2f}{with_passes[0] / seconds:>9.2f}")
             print(line, flush=True)
 
 if __name__ == "__main__":
