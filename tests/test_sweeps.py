@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from critbatch import records
 from sweeps.grid import SweepError, centred_lr, expand, group_runs, lr_grid
@@ -152,6 +153,11 @@ def test_relaunch_reruns_failed_and_partial_runs(tmp_path):
     ("goals.metric=accuracy", "goals.metric='accuracy'"),
     ("launcher.group_by=node", "launcher.group_by"),
     ("packing.enabled=sometimes", "packing.enabled='sometimes'"),
+    ("packing.cuda_graphs=maybe", "packing.cuda_graphs='maybe'"),
+    pytest.param("packing.cuda_graphs=true", "packing.cuda_graphs=true, but this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    pytest.param("device=cuda", "device=cuda, but this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ("sampling=epoch_shuffle", "exceeds task 'digits'"),  # B=4096 > 1797 examples without replacement
 ])
 def test_bad_config_fails_fast_and_creates_nothing(tmp_path, override, message):
