@@ -210,7 +210,8 @@ def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs:
     initial_loss = initial_mean_loss(models[0], task, B, config.smoothing.min_examples, config.seed, device)
     for monitor in monitors:
         monitor.started(initial_loss, device=str(device), setup_seconds=time.perf_counter() - setup_start,
-                        noise_micro_batches=k, path="packed", packed_members=M, cuda_graphs=graphs)
+                        noise_micro_batches=k, noise_measurement=None if k == 1 else "vmap over micro-batches",
+                        path="packed", packed_members=M, cuda_graphs=graphs)
     train_step = PackedSteps(packed, optimizer, k, graphs)
 
     alive = list(monitors)

@@ -3,9 +3,10 @@
 Reads top to bottom: set up, then one loop. Every step draws a batch (i.i.d. with replacement by
 default, as the theory assumes), computes the full-batch gradient, and every `noise_scale.every`
 steps also the k micro-batch gradients' squared norms that the B_simple estimator needs — from the
-same pass (critbatch.micro_grads), or from k passes of B/k for layers it has no rule for. Goals are judged on training metrics smoothed by an EMA whose
-window grows with the step count (a fixed fraction of it), and whose centre of mass is tracked,
-so the step at which a goal is crossed is known to a few percent whatever the batch size.
+same pass (critbatch.micro_grads), or from k passes of B/k for layers it has no rule for.
+Goals are judged on training metrics smoothed by an EMA whose window grows with the step count
+(a fixed fraction of it), and whose centre of mass is tracked, so the step at which a goal is
+crossed is known to a few percent whatever the batch size.
 At geometrically spaced steps the loop logs a curve point, checks divergence and the budget, and
 now and then rewrites the partial record, so a killed job leaves a record marked "running".
 """
@@ -177,7 +178,7 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
     norms = norms if norms.supported else None
     monitor.started(initial_mean_loss(model, task, B, config.smoothing.min_examples, config.seed, device),
                     device=str(device), setup_seconds=time.perf_counter() - setup_start,
-                    noise_micro_batches=k, noise_measurement="one pass" if norms else f"{k} passes",
+                    noise_micro_batches=k, noise_measurement=None if k == 1 else "one pass" if norms else f"{k} passes",
                     path="plain")
 
     start = time.perf_counter()
