@@ -1,13 +1,19 @@
-"""The CUDA-graph replay of a packed step gives the eager step's results. Needs a GPU: skipped on
-machines without one (CI); scripts/gpu_check.sh runs it where a GPU is lent."""
+"""The CUDA-graph replay of a packed step gives the eager step's results.
+
+On any machine: with tests/graph_replay.py standing in for the CUDA graph (the step's ops recorded
+once and replayed on the same tensors), whole packed runs equal their eager twins — which fails
+for a step that keeps a changing value in Python. On a GPU (scripts/gpu_check.sh runs these where
+one is lent): the same with real CUDA graphs."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import critbatch.packed
 from critbatch.config import ConfigError
 from critbatch.cuda_graphs import GraphedStep, use_cuda_graphs
 from critbatch.packed import train_packed
+from graph_replay import ReplayedStep
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -33,6 +39,60 @@ def test_eager_graphed_step_runs_the_function_on_its_static_inputs():
     for i in range(5):
         out = graphed(torch.full((3,), float(i)))
     assert torch.equal(out, torch.full((3,), 20.0)) and not graphed.captured
+
+
+def counting_steps(count_in_tensor: bool):
+    """A step whose update depends on how many steps ran: the count lives in a tensor or in Python."""
+    state, count = torch.zeros(3), {"python": 0, "tensor": torch.zeros(())}
+
+    def step(x):
+        if count_in_tensor:
+            count["tensor"].add_(1)
+            state.mul_(0.5).add_(x * count["tensor"])
+        else:
+            count["python"] += 1
+            state.mul_(0.5).add_(x * count["python"])
+        return state.norm()
+    return step
+
+
+@pytest.mark.parametrize("count_in_tensor", [True, False])
+def test_replay_matches_eager_only_when_changing_values_live_in_tensors(count_in_tensor):
+    torch.manual_seed(0)
+    batches = [torch.randn(3) for _ in range(8)]
+    eager_step, replayed = counting_steps(count_in_tensor), ReplayedStep(counting_steps(count_in_tensor), True)
+    eager = [float(eager_step(x)) for x in batches]
+    replays = [float(replayed(x)) for x in batches]
+    assert replayed.captured
+    assert (replays == pytest.approx(eager, rel=1e-6)) is count_in_tensor  # a Python count freezes at capture
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_packed_runs_with_replayed_steps_equal_eager_ones(optimizer, monkeypatch):
+    base = {"task": {"name": "digits", "hidden": 32}, "batch_size": 32, "device": "cpu",
+            "goals": {"metric": "train_error", "thresholds": [0.3, 0.1, 0.05]}, "budget": {"max_steps": 400}}
+    lrs = {"sgd": [0.1, 0.8, 50.0], "momentum": [0.02, 0.1, 5.0], "adam": [0.002, 0.01, 1.0]}[optimizer]
+    configs = [{**base, "optimizer": {"name": optimizer, "lr": lr}} for lr in lrs]
+    eager = train_packed(configs, [None] * 3, cuda_graphs=False)
+    replays = []
+
+    class CountingReplayedStep(ReplayedStep):
+        def _capture(self):
+            replay, outputs = super()._capture()
+            return (lambda: (replays.append(1), replay())), outputs
+
+    monkeypatch.setattr(critbatch.packed, "GraphedStep", CountingReplayedStep)
+    monkeypatch.setattr(critbatch.packed, "use_cuda_graphs", lambda setting, device: True)
+    replayed = train_packed(configs, [None] * 3)
+    assert len(replays) > 0.8 * max(r["summary"]["steps"] for r in replayed)  # most steps were replays
+    assert len({r["summary"]["steps"] for r in replayed}) == 3  # members left: graphs captured again
+    for a, b in zip(eager, replayed):
+        assert a["status"] == b["status"] and a["summary"]["steps"] == b["summary"]["steps"]
+        untimed = [[{k: v for k, v in goal.items() if k != "wall_time"} for goal in r["goals"]] for r in (a, b)]
+        assert untimed[0] == untimed[1]
+        for key in ("train_loss", "train_error", "b_simple"):
+            assert torch.allclose(torch.tensor(a["curve"][key], dtype=torch.float64),
+                                  torch.tensor(b["curve"][key], dtype=torch.float64), equal_nan=True), key
 
 
 @needs_cuda

@@ -12,7 +12,8 @@ The first `warmup` calls run eagerly on a side stream (lazy initialisation — o
 cuBLAS workspaces — must happen before capture), the next one is captured and every call replays.
 Each call is exactly one step: capturing records kernels without running them, and the replay
 that follows runs them. Off the GPU, or disabled, the same function runs eagerly on the same
-buffers, so the CPU tests exercise everything but the capture itself.
+buffers. Tests without a GPU stand in for the capture by recording the step's operations once and
+replaying them (tests/graph_replay.py), which catches a step that breaks the rules above.
 """
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ class GraphedStep:
     def __init__(self, fn: Callable, use_graph: bool, warmup: int = WARMUP_CALLS):
         self.fn, self.use_graph, self.warmup = fn, use_graph, warmup
         self.inputs: tuple[torch.Tensor, ...] | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replay: Callable[[], None] | None = None
         self.outputs = None
         self.eager_calls = 0
         self.failure: str | None = None
 
     @property
     def captured(self) -> bool:
-        return self.graph is not None
+        return self.replay is not None
 
     def __call__(self, *inputs: torch.Tensor):
         if self.inputs is None:
@@ -48,30 +49,37 @@ class GraphedStep:
         else:
             for static, new in zip(self.inputs, inputs):
                 static.copy_(new)
-        if self.graph is not None:
-            self.graph.replay()
+        if self.replay is not None:
+            self.replay()
             return self.outputs
         if not self.use_graph:
             return self.fn(*self.inputs)
         if self.eager_calls < self.warmup:
             self.eager_calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                outputs = self.fn(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return outputs
-        graph = torch.cuda.CUDAGraph()
+            return self._warmup_call()
         try:
-            with torch.cuda.graph(graph):
-                outputs = self.fn(*self.inputs)
+            self.replay, self.outputs = self._capture()
         except RuntimeError as exc:  # a step that syncs with the host cannot be captured
             self.use_graph, self.failure = False, f"{type(exc).__name__}: {exc}"
             warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", RuntimeWarning)
             return self.fn(*self.inputs)
-        self.graph, self.outputs = graph, outputs
-        graph.replay()
+        self.replay()
+        return self.outputs
+
+    def _warmup_call(self):
+        side = torch.cuda.Stream()  # as PyTorch prescribes: warm up off the capturing stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = self.fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
         return outputs
+
+    def _capture(self):
+        """(replay, outputs): record the step's kernels without running them."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(*self.inputs)
+        return graph.replay, outputs
 
 
 def use_cuda_graphs(setting, device: torch.device) -> bool:
