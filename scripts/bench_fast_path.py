@@ -1,18 +1,19 @@
-"""Model-steps per second of three training loops, measured in one run, at several batch sizes:
+"""Model-steps per second of four training loops, measured in one run, at several batch sizes:
 
   (a) dataloader: a typical user's loop — TensorDataset + DataLoader (sampling with replacement),
       copying each batch to the device, torch.optim;
-  (b) eager:      critbatch's plain loop — data on the device, batches by index_select
-                  (critbatch.train.next_batch + compute_gradients + torch.optim);
-  (c) packed:     critbatch's fast path — M learning rates as one vmapped model
+  (b) eager:      the eager on-device loop, the issue's baseline — data on the device, batches by
+                  index_select (critbatch.train.next_batch + compute_gradients + torch.optim);
+  (c) plain:      critbatch's plain loop as a sweep runs it (critbatch.train.PlainSteps): on CUDA
+                  each step is replayed from a CUDA graph;
+  (d) packed:     critbatch's fast path — M learning rates as one vmapped model
                   (critbatch.packed.PackedModel + PackedOptimizer + PackedSteps), time per
-                  model-step; on CUDA each step is replayed from a CUDA graph, as in a sweep;
-  (c1) packed x1: the same path for a single run (on CUDA: the graph alone, no packing gain).
-
-Also (d) the noise-scale measuring step's cost at the default interval, on the packed path.
-Ratios are against (b) measured in the same run; rounds are interleaved so a noisy machine hurts
-all loops alike. Runs on CUDA when available. `--sweep` also times the default sweep with packing
-on and off (whole processes, interleaved).
+                  model-step; on CUDA each step is replayed from a CUDA graph.
+"sweep" is the path a sweep takes at that B with the default settings (packed for B <= 256 on a
+GPU, plain otherwise). Also the noise-scale cost at the default interval (every 10th step) on the
+plain and packed paths. Ratios are against (b) measured in the same run; rounds are interleaved so
+a noisy machine hurts all loops alike. Runs on CUDA when available. `--sweep` also times the
+default sweep with packing on and off (whole processes, interleaved).
 
     python scripts/bench_fast_path.py [--task digits] [--batch-sizes 16 64 256 1024 4096] [--members 8]
 """
@@ -32,7 +33,9 @@ from critbatch.config import OptimizerConfig
 from critbatch.cuda_graphs import WARMUP_CALLS, use_cuda_graphs
 from critbatch.packed import PackedModel, PackedOptimizer, PackedSteps
 from critbatch.tasks import build_task
-from critbatch.train import BatchSampler, compute_gradients, make_optimizer, next_batch
+from critbatch.micro_grads import MicroBatchNorms
+from critbatch.train import (BatchSampler, PlainSteps, compute_gradients, make_optimizer, next_batch,
+                             noise_micro_batches)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,17 +91,10 @@ def eager_loop(task, batch_size, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def packed_loop(task, batch_size, steps, device, members, measure_every=0):
-    """Seconds per model-step; with measure_every > 0, every n-th step also measures B_simple."""
-    torch.manual_seed(0)
-    models = [task.make_model().to(device).train() for _ in range(members)]
-    packed = PackedModel(task, models)
-    optimizer = PackedOptimizer(packed.params, OptimizerConfig(name="momentum"),
-                                torch.logspace(-4, -2, members, device=device))
+def run_steps(train_step, task, batch_size, steps, device, measure_every) -> float:
+    """Seconds per call of train_step(x, y, measure), timed after its graphs (if any) are captured."""
     generator = torch.Generator(device=device).manual_seed(0)
     sampler = BatchSampler(task.dataset_size, batch_size, "with_replacement", generator, device)
-    k = 4 if batch_size % 4 == 0 else 1
-    train_step = PackedSteps(packed, optimizer, k, use_cuda_graphs("auto", device))
     for step in range(2 * (WARMUP_CALLS + 1)):  # let both graphs (plain, measuring) be captured first
         train_step(*next_batch(task, sampler, batch_size, generator), bool(measure_every) and step % 2 == 0)
     synchronize(device)
@@ -107,7 +103,29 @@ def packed_loop(task, batch_size, steps, device, members, measure_every=0):
         x, y = next_batch(task, sampler, batch_size, generator)
         train_step(x, y, bool(measure_every) and step % measure_every == 0)
     synchronize(device)
-    return (time.perf_counter() - start) / steps / members
+    return (time.perf_counter() - start) / steps
+
+
+def plain_loop(task, batch_size, steps, device, measure_every=0):
+    torch.manual_seed(0)
+    model = task.make_model().to(device).train()
+    graphs = use_cuda_graphs("auto", device)
+    optimizer = make_optimizer(model.parameters(), OptimizerConfig(name="momentum", lr=1e-3), capturable=graphs)
+    norms = MicroBatchNorms(model)
+    train_step = PlainSteps(model, task, optimizer, noise_micro_batches(batch_size, 4),
+                            norms if norms.supported else None, graphs)
+    return run_steps(train_step, task, batch_size, steps, device, measure_every)
+
+
+def packed_loop(task, batch_size, steps, device, members, measure_every=0):
+    """Seconds per model-step; with measure_every > 0, every n-th step also measures B_simple."""
+    torch.manual_seed(0)
+    models = [task.make_model().to(device).train() for _ in range(members)]
+    packed = PackedModel(task, models)
+    optimizer = PackedOptimizer(packed.params, OptimizerConfig(name="momentum"),
+                                torch.logspace(-4, -2, members, device=device))
+    train_step = PackedSteps(packed, optimizer, noise_micro_batches(batch_size, 4), use_cuda_graphs("auto", device))
+    return run_steps(train_step, task, batch_size, steps, device, measure_every) / members
 
 
 def time_sweeps(rounds: int) -> list[str]:
@@ -144,24 +162,28 @@ def main(argv=None):
           f"median of {args.rounds} interleaved rounds")
     loops = {"dataloader": lambda B, n: dataloader_loop(task, B, n, device),
              "eager": lambda B, n: eager_loop(task, B, n, device),
+             "plain": lambda B, n: plain_loop(task, B, n, device),
              "packed": lambda B, n: packed_loop(task, B, n, device, args.members),
-             "packed x1": lambda B, n: packed_loop(task, B, n, device, 1),
+             "plain+gns": lambda B, n: plain_loop(task, B, n, device, measure_every=10),
              "packed+gns": lambda B, n: packed_loop(task, B, n, device, args.members, measure_every=10)}
+    shown = ("dataloader", "eager", "plain", "packed")
     print("model-steps per second (ratio: over eager, measured in the same rounds); gns: the noise-scale "
-          "cost on the packed path, measuring every 10th step")
-    print(f"{'B':>6} " + " ".join(f"{name:>18}" for name in loops if name != "packed+gns") + f" {'gns cost':>9}")
+          "cost, measuring every 10th step")
+    print(f"{'B':>6} " + " ".join(f"{name:>18}" for name in shown) + f" {'sweep path':>18}"
+          f" {'gns plain':>10} {'gns packed':>10}")
     for batch_size in args.batch_sizes:
         steps = args.steps or max(20, min(400, 40_000 // batch_size))
-        for name in ("eager", "packed"):  # warm up (allocator, kernels, vmap tracing)
+        for name in ("eager", "plain", "packed"):  # warm up (allocator, kernels, vmap tracing)
             loops[name](batch_size, 5)
         timings = {name: [] for name in loops}
         for _ in range(args.rounds):
             for name, loop in loops.items():
                 timings[name].append(loop(batch_size, steps))
         t = {name: statistics.median(v) for name, v in timings.items()}
-        cells = [f"{1 / t[name]:>9.0f} ({t['eager'] / t[name]:>5.2f}x)" for name in loops if name != "packed+gns"]
-        print(f"{batch_size:>6} " + " ".join(f"{c:>18}" for c in cells) + f" {t['packed+gns'] / t['packed'] - 1:>8.1%}",
-              flush=True)
+        sweep = "packed" if device.type == "cuda" and batch_size <= 256 else "plain"  # packing.enabled=auto
+        cells = [f"{1 / t[name]:>9.0f} ({t['eager'] / t[name]:>5.2f}x)" for name in (*shown, sweep)]
+        print(f"{batch_size:>6} " + " ".join(f"{c:>18}" for c in cells)
+              + f" {t['plain+gns'] / t['plain'] - 1:>10.1%} {t['packed+gns'] / t['packed'] - 1:>10.1%}", flush=True)
     if args.sweep:
         for line in time_sweeps(args.rounds):
             print(line)

@@ -15,7 +15,7 @@ from critbatch.records import run_id, run_name
 GROUP_BY = ("batch_size", "run", "all")
 
 # Settings copied from the top level of the composed config into every run.
-RUN_KEYS = ("goals", "budget", "sampling", "noise_scale", "smoothing", "divergence", "log", "device")
+RUN_KEYS = ("goals", "budget", "sampling", "noise_scale", "smoothing", "divergence", "log", "device", "cuda_graphs")
 
 
 class SweepError(ConfigError):

@@ -36,8 +36,6 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
     enabled = packing.get("enabled", False)
     if enabled not in (True, False, "auto"):
         raise ConfigError(f"packing.enabled={enabled!r}; choose true, false or auto")
-    if packing.get("cuda_graphs", "auto") not in (True, False, "auto"):
-        raise ConfigError(f"packing.cuda_graphs={packing['cuda_graphs']!r}; choose true, false or auto")
     # auto: packing pays where kernel launches dominate, on a GPU; on a CPU the plain loop is as fast.
     on_gpu = torch.cuda.is_available()
     by_key: dict[str, list[dict]] = {}
@@ -51,16 +49,13 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
             for key, group in by_key.items() for i in range(0, len(group), size)]
 
 
-def _train_pack(sweep_dir: str, pack: list[dict], packed: bool, cuda_graphs: bool | str) -> list[dict]:
-    import torch
-
+def _train_pack(sweep_dir: str, pack: list[dict], packed: bool) -> list[dict]:
     out_dirs = [records.run_dir(sweep_dir, c) for c in pack]
-    # A pack of one gains only from its CUDA graph: without one, vmap over a single member is
-    # slower than the plain loop (scripts/bench_fast_path.py, "packed x1").
-    graphed = cuda_graphs is not False and torch.cuda.is_available() and pack[0]["device"] != "cpu"
-    if packed and (len(pack) > 1 or graphed):
+    # A pack of one gains nothing: vmap over one member is slower than the plain loop, which
+    # replays its steps from CUDA graphs too (scripts/bench_fast_path.py, "packed x1").
+    if packed and len(pack) > 1:
         try:
-            return train_packed(pack, out_dirs, cuda_graphs=cuda_graphs)
+            return train_packed(pack, out_dirs)
         except NotPackable:
             pass
     return [train(c, d) for c, d in zip(pack, out_dirs)]  # plain path (BatchNorm models, or alone)
@@ -87,10 +82,9 @@ def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
         else:
             todo.append(config)
     try:
-        cuda_graphs = (packing or {}).get("cuda_graphs", "auto")
         for pack, packed in packs(todo, packing):
             try:
-                for record in _train_pack(sweep_dir, pack, packed, cuda_graphs):
+                for record in _train_pack(sweep_dir, pack, packed):
                     summaries.append({"run": record["run_name"], "status": record["status"], "skipped": False,
                                       "path": record["summary"].get("path")})
             except JobKilled:

@@ -156,7 +156,7 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
     return summaries
 
 
-def check_local_device(runs, launcher: dict, packing: dict | None) -> None:
+def check_local_device(runs, launcher: dict) -> None:
     """Local launchers train on this machine: a CUDA request it cannot meet fails now, once,
     rather than in every run. (A cluster's nodes are not this machine; their runs check there.)"""
     import torch
@@ -166,9 +166,9 @@ def check_local_device(runs, launcher: dict, packing: dict | None) -> None:
     if any(run.config["device"] == "cuda" for run in runs):
         raise SweepError("device=cuda, but this machine has no CUDA device and launcher="
                          f"{launcher['name']} trains here; use device=auto or device=cpu")
-    if (packing or {}).get("cuda_graphs") is True:
-        raise SweepError("packing.cuda_graphs=true, but this machine has no CUDA device and launcher="
-                         f"{launcher['name']} trains here; use packing.cuda_graphs=auto")
+    if any(run.config["cuda_graphs"] is True for run in runs):
+        raise SweepError("cuda_graphs=true, but this machine has no CUDA device and launcher="
+                         f"{launcher['name']} trains here; use cuda_graphs=auto")
 
 
 def launch(cfg: dict, sweep_dir: Path) -> int:
@@ -179,7 +179,7 @@ def launch(cfg: dict, sweep_dir: Path) -> int:
     check_data(runs)
     group_runs(runs, launcher.get("group_by", "batch_size"))  # bad group_by or packing settings
     packs([], cfg.get("packing"))                              # fail before any work
-    check_local_device(runs, launcher, cfg.get("packing"))
+    check_local_device(runs, launcher)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep_dir, runs, cfg)
     pending = [run for run in runs

@@ -25,7 +25,12 @@ class OpRecorder(TorchDispatchMode):
 
     def replay(self) -> None:
         """Run every op again; a fresh result is copied into the recorded output (a graph's
-        static output), while in-place ops and views write to the recorded memory themselves."""
+        static output), while in-place ops and views write to the recorded memory themselves.
+        The recorded ops include the backward pass's: autograd has nothing to add (no_grad)."""
+        with torch.no_grad():
+            self._replay()
+
+    def _replay(self) -> None:
         for func, args, kwargs, out in self.ops:
             new = func(*args, **kwargs)
             for recorded, result in zip(tree_flatten(out)[0], tree_flatten(new)[0]):

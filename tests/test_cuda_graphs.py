@@ -9,11 +9,52 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch import nn
+
+import critbatch.cuda_graphs
 import critbatch.packed
+import critbatch.train
 from critbatch.config import ConfigError
 from critbatch.cuda_graphs import GraphedStep, use_cuda_graphs
 from critbatch.packed import train_packed
+from critbatch.tasks import register_task
+from critbatch.tasks.digits import Digits
+from critbatch.train import train
 from graph_replay import ReplayedStep
+
+
+@register_task("digits_batchnorm_dropout")
+class DigitsBatchNormDropout(Digits):
+    """digits with BatchNorm (running statistics updated in place) and dropout (random numbers)."""
+
+    def make_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(64, self.hidden), nn.BatchNorm1d(self.hidden), nn.ReLU(),
+                             nn.Dropout(0.2), nn.Linear(self.hidden, 10))
+
+
+def replaying(monkeypatch, module) -> list:
+    """Make `module`'s loop replay its steps with tests/graph_replay.py in place of CUDA graphs;
+    returns a list that grows by one per replay."""
+    replays = []
+
+    class CountingReplayedStep(ReplayedStep):
+        def _capture(self):
+            replay, outputs = super()._capture()
+            return (lambda: (replays.append(1), replay())), outputs
+
+    monkeypatch.setattr(critbatch.cuda_graphs, "GraphedStep", CountingReplayedStep)
+    monkeypatch.setattr(module, "use_cuda_graphs", lambda setting, device: True)
+    return replays
+
+
+def assert_same_records(eager: list[dict], replayed: list[dict]) -> None:
+    for a, b in zip(eager, replayed):
+        assert a["status"] == b["status"] and a["summary"]["steps"] == b["summary"]["steps"]
+        untimed = [[{k: v for k, v in goal.items() if k != "wall_time"} for goal in r["goals"]] for r in (a, b)]
+        assert untimed[0] == untimed[1]
+        for key in ("train_loss", "train_error", "b_simple"):
+            assert torch.allclose(torch.tensor(a["curve"][key], dtype=torch.float64),
+                                  torch.tensor(b["curve"][key], dtype=torch.float64), equal_nan=True), key
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -73,26 +114,28 @@ def test_packed_runs_with_replayed_steps_equal_eager_ones(optimizer, monkeypatch
             "goals": {"metric": "train_error", "thresholds": [0.3, 0.1, 0.05]}, "budget": {"max_steps": 400}}
     lrs = {"sgd": [0.1, 0.8, 50.0], "momentum": [0.02, 0.1, 5.0], "adam": [0.002, 0.01, 1.0]}[optimizer]
     configs = [{**base, "optimizer": {"name": optimizer, "lr": lr}} for lr in lrs]
-    eager = train_packed(configs, [None] * 3, cuda_graphs=False)
-    replays = []
-
-    class CountingReplayedStep(ReplayedStep):
-        def _capture(self):
-            replay, outputs = super()._capture()
-            return (lambda: (replays.append(1), replay())), outputs
-
-    monkeypatch.setattr(critbatch.packed, "GraphedStep", CountingReplayedStep)
-    monkeypatch.setattr(critbatch.packed, "use_cuda_graphs", lambda setting, device: True)
+    eager = train_packed(configs, [None] * 3)
+    replays = replaying(monkeypatch, critbatch.packed)
     replayed = train_packed(configs, [None] * 3)
     assert len(replays) > 0.8 * max(r["summary"]["steps"] for r in replayed)  # most steps were replays
     assert len({r["summary"]["steps"] for r in replayed}) == 3  # members left: graphs captured again
-    for a, b in zip(eager, replayed):
-        assert a["status"] == b["status"] and a["summary"]["steps"] == b["summary"]["steps"]
-        untimed = [[{k: v for k, v in goal.items() if k != "wall_time"} for goal in r["goals"]] for r in (a, b)]
-        assert untimed[0] == untimed[1]
-        for key in ("train_loss", "train_error", "b_simple"):
-            assert torch.allclose(torch.tensor(a["curve"][key], dtype=torch.float64),
-                                  torch.tensor(b["curve"][key], dtype=torch.float64), equal_nan=True), key
+    assert_same_records(eager, replayed)
+
+
+# Adam's replay on the plain path needs torch.optim.Adam(capturable=True), which only CUDA allows:
+# it is covered by the GPU test below.
+@pytest.mark.parametrize("task,optimizer,lr", [("digits", "sgd", 0.5), ("digits", "momentum", 0.1),
+                                               ("digits_batchnorm_dropout", "momentum", 0.05)])
+def test_plain_runs_with_replayed_steps_equal_eager_ones(task, optimizer, lr, monkeypatch):
+    config = {"task": {"name": task, "hidden": 32}, "batch_size": 32, "device": "cpu",
+              "optimizer": {"name": optimizer, "lr": lr},
+              "goals": {"metric": "train_error", "thresholds": [0.3, 0.1, 0.05]}, "budget": {"max_steps": 300}}
+    eager = train(config)
+    replays = replaying(monkeypatch, critbatch.train)
+    replayed = train(config)
+    assert replayed["summary"]["cuda_graphs"] is True and replayed["summary"]["noise_measurement"] == "one pass"
+    assert len(replays) > 0.8 * replayed["summary"]["steps"] > 0
+    assert_same_records([eager], [replayed])
 
 
 @needs_cuda
@@ -116,13 +159,15 @@ def test_a_replayed_step_follows_new_inputs_and_state():
 
 
 @needs_cuda
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("optimizer,lrs", [("momentum", [0.02, 0.1, 5.0]), ("adam", [0.002, 0.01, 1.0])])
-def test_packed_runs_give_the_same_records_with_and_without_graphs(optimizer, lrs):
+def test_runs_give_the_same_records_with_and_without_cuda_graphs(optimizer, lrs, packed):
     base = {"task": {"name": "digits", "hidden": 32}, "batch_size": 32, "device": "cuda",
             "goals": {"metric": "train_error", "thresholds": [0.3, 0.1, 0.05]}, "budget": {"max_steps": 600}}
     configs = [{**base, "optimizer": {"name": optimizer, "lr": lr}} for lr in lrs]
-    eager = train_packed(configs, [None] * 3, cuda_graphs=False)
-    graphed = train_packed(configs, [None] * 3, cuda_graphs=True)
+    run = (lambda cs: train_packed(cs, [None] * len(cs))) if packed else (lambda cs: [train(c) for c in cs])
+    eager = run([{**c, "cuda_graphs": False} for c in configs])
+    graphed = run([{**c, "cuda_graphs": True} for c in configs])
     assert all(r["summary"]["cuda_graphs"] is True and "cuda_graph_failure" not in r["summary"] for r in graphed)
     for a, b in zip(eager, graphed):
         assert a["status"] == b["status"] and a["summary"]["steps"] == b["summary"]["steps"]

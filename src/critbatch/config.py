@@ -88,6 +88,8 @@ class RunConfig:
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     log: LogConfig = field(default_factory=LogConfig)
     device: str = "auto"
+    # Replay each training step from a CUDA graph (critbatch.cuda_graphs): auto = on CUDA devices.
+    cuda_graphs: bool | str = "auto"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
@@ -155,6 +157,10 @@ class RunConfig:
             raise ConfigError(f"log.relative_interval={self.log.relative_interval} must lie in [0, 1] (0 logs every step)")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r}; choose one of {DEVICES}")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ConfigError(f"cuda_graphs={self.cuda_graphs!r}; choose true, false or auto")
+        if self.cuda_graphs is True and self.device == "cpu":
+            raise ConfigError("cuda_graphs=true needs device=cuda or auto, not device=cpu")
         if check_data:
             try:
                 task.check_data()

@@ -17,6 +17,7 @@ replaying them (tests/graph_replay.py), which catches a step that breaks the rul
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -82,11 +83,35 @@ class GraphedStep:
         return graph.replay, outputs
 
 
+class TrainSteps:
+    """A loop's training step as two GraphedSteps: the plain one and the measuring one (k micro-batches
+    for the noise scale), captured separately. Subclasses define `_step(x, y, micro_batches)`."""
+
+    def __init__(self, micro_batches: int, graphs: bool):
+        self.k, self.graphs = micro_batches, graphs
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget captured graphs (call when the tensors they read or write were replaced)."""
+        self._steps = {m: GraphedStep(functools.partial(self._step, micro_batches=m), self.graphs)
+                       for m in {1, self.k}}
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int):
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, measure: bool):
+        return self._steps[self.k if measure else 1](x, y)
+
+    @property
+    def failure(self) -> str | None:
+        """Why a CUDA graph could not be captured (that step then runs eagerly), if one could not."""
+        return next((s.failure for s in self._steps.values() if s.failure), None)
+
+
 def use_cuda_graphs(setting, device: torch.device) -> bool:
-    """packing.cuda_graphs: auto (on a CUDA device), true (fails off one) or false."""
+    """The run setting cuda_graphs: auto (on a CUDA device), true (fails off one) or false."""
     if setting not in (True, False, "auto"):
-        raise ConfigError(f"packing.cuda_graphs={setting!r}; choose true, false or auto")
+        raise ConfigError(f"cuda_graphs={setting!r}; choose true, false or auto")
     if setting is True and device.type != "cuda":
-        raise ConfigError(f"packing.cuda_graphs=true needs a CUDA device, but the run is on {device}; "
-                         f"use packing.cuda_graphs=auto")
+        raise ConfigError(f"cuda_graphs=true needs a CUDA device, but the run is on {device}; use cuda_graphs=auto")
     return setting is not False and device.type == "cuda"

@@ -20,7 +20,6 @@ member): such models raise NotPackable, and their runs go through the plain loop
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from critbatch.config import ConfigError, RunConfig
-from critbatch.cuda_graphs import GraphedStep, use_cuda_graphs
+from critbatch.cuda_graphs import TrainSteps, use_cuda_graphs
 from critbatch.monitor import (GoalCrossings, NoiseMeasurements, RunMonitor, SmoothedMetrics, log_steps,
                                smoothed_goal_index)
 from critbatch.tasks import Task
@@ -131,45 +130,29 @@ class PackedOptimizer:
         self.state = {name: {k: v[members] for k, v in s.items()} for name, s in self.state.items()}
 
 
-class PackedSteps:
-    """The pack's training step — per-member gradients, then the update — for a plain step and for
-    a measuring one (k micro-batches), each replayed from a CUDA graph when `graphs` is on."""
+class PackedSteps(TrainSteps):
+    """The pack's step: per-member gradients (with the noise-scale norms when measuring), then the
+    update; replayed from CUDA graphs when `graphs` is on. Call reset() when members leave."""
 
     def __init__(self, packed: PackedModel, optimizer: PackedOptimizer, micro_batches: int, graphs: bool):
-        self.packed, self.optimizer, self.k, self.graphs = packed, optimizer, micro_batches, graphs
-        self.reset()
-
-    def reset(self) -> None:
-        """Call after members left the pack: the parameters moved, so captured graphs are stale."""
-        self._steps = {m: GraphedStep(functools.partial(self._step, micro_batches=m), self.graphs)
-                       for m in {1, self.k}}
+        self.packed, self.optimizer = packed, optimizer
+        super().__init__(micro_batches, graphs)
 
     def _step(self, x, y, micro_batches):
         grads, metrics, norms = self.packed.gradients(x, y, micro_batches)
         self.optimizer.step(self.packed.params, grads)
         return metrics, norms
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, measure: bool):
-        """One step on batch (x, y): (metrics, noise-scale norms or None)."""
-        return self._steps[self.k if measure else 1](x, y)
 
-    @property
-    def failure(self) -> str | None:
-        """Why a CUDA graph could not be captured (the step then runs eagerly), if one could not."""
-        return next((s.failure for s in self._steps.values() if s.failure), None)
-
-
-def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | None],
-                 cuda_graphs: bool | str = "auto") -> list[dict]:
-    """Train runs that differ only in lr as one packed model; return their records (as `train`).
-    cuda_graphs: replay each step from a CUDA graph (auto: on a CUDA device; see cuda_graphs.py)."""
+def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | None]) -> list[dict]:
+    """Train runs that differ only in lr as one packed model; return their records (as `train`)."""
     configs = [RunConfig.from_dict(c) if isinstance(c, dict) else c for c in configs]
     if len({pack_key(c) for c in configs}) != 1:
         raise ConfigError("train_packed: the runs of a pack may differ only in optimizer.lr")
     task = configs[0].validate()
     monitors = [RunMonitor(c, d) for c, d in zip(configs, out_dirs)]
     try:
-        _packed_loop(configs[0], task, monitors, [c.optimizer.lr for c in configs], cuda_graphs)
+        _packed_loop(configs[0], task, monitors, [c.optimizer.lr for c in configs])
     except Exception as exc:
         for monitor in monitors:
             if not monitor.finished:
@@ -178,11 +161,10 @@ def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | No
     return [m.record for m in monitors]
 
 
-def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs: list[float],
-                 cuda_graphs: bool | str) -> None:
+def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs: list[float]) -> None:
     setup_start = time.perf_counter()
     device = pick_device(config.device)
-    graphs = use_cuda_graphs(cuda_graphs, device)
+    graphs = use_cuda_graphs(config.cuda_graphs, device)
     B, M = config.batch_size, len(monitors)
     # The same seeding as the plain loop, so every member starts where its twin starts.
     torch.manual_seed(config.seed)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from critbatch.config import ConfigError, RunConfig
+from critbatch.cuda_graphs import TrainSteps, use_cuda_graphs
 from critbatch.gns import micro_batch_sq_norms
 from critbatch.micro_grads import MicroBatchNorms
 from critbatch.monitor import (GoalCrossings, NoiseMeasurements, RunMonitor, SmoothedMetrics, log_steps,
@@ -37,12 +38,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params, opt) -> torch.optim.Optimizer:
+def make_optimizer(params, opt, capturable: bool = False) -> torch.optim.Optimizer:
+    """capturable: Adam keeps its step count on the device, so that a CUDA graph can replay it."""
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
     if opt.name == "momentum":
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-    return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+                            capturable=capturable)
 
 
 class BatchSampler:
@@ -142,6 +145,22 @@ def compute_gradients(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Te
     return StepResult(loss, task.metrics(torch.cat(outputs), y, loss), small, big)
 
 
+class PlainSteps(TrainSteps):
+    """The plain loop's step: gradients (with the noise-scale norms when measuring), then the
+    optimizer's update; replayed from CUDA graphs when `graphs` is on."""
+
+    def __init__(self, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, micro_batches: int,
+                 norms: MicroBatchNorms | None, graphs: bool):
+        self.model, self.task, self.optimizer, self.norms = model, task, optimizer, norms
+        super().__init__(micro_batches, graphs)
+
+    def _step(self, x, y, micro_batches) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        result = compute_gradients(self.model, self.task, x, y, micro_batches, self.norms)
+        self.optimizer.step()
+        return result
+
+
 def train(config: RunConfig | dict, out_dir: str | Path | None = None) -> dict:
     """Run one configuration to its goals and return its record (also written to out_dir/record.json)."""
     if isinstance(config, dict):
@@ -159,12 +178,13 @@ def train(config: RunConfig | dict, out_dir: str | Path | None = None) -> dict:
 def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
     setup_start = time.perf_counter()
     device = pick_device(config.device)
+    graphs = use_cuda_graphs(config.cuda_graphs, device)
     B = config.batch_size
     torch.manual_seed(config.seed)
     task.load(device)
     model = task.make_model().to(device)
     model.train()
-    optimizer = make_optimizer(model.parameters(), config.optimizer)
+    optimizer = make_optimizer(model.parameters(), config.optimizer, capturable=graphs)
     data_generator = torch.Generator(device=device).manual_seed(config.seed)
     sampler = None if task.dataset_size is None else BatchSampler(task.dataset_size, B, config.sampling,
                                                                    data_generator, device)
@@ -179,7 +199,9 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
     monitor.started(initial_mean_loss(model, task, B, config.smoothing.min_examples, config.seed, device),
                     device=str(device), setup_seconds=time.perf_counter() - setup_start,
                     noise_micro_batches=k, noise_measurement=None if k == 1 else "one pass" if norms else f"{k} passes",
-                    path="plain")
+                    path="plain", cuda_graphs=graphs)
+
+    train_step = PlainSteps(model, task, optimizer, k, norms, graphs)
 
     start = time.perf_counter()
     schedule = log_steps(config.log.relative_interval)
@@ -190,6 +212,8 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
             noise.flush([monitor])
             crossed = goals.crossed_at[0].tolist() if goals is not None else [-1.0] * len(config.goals.thresholds)
             evaluated = task.evaluate(model) if task.eval_metrics else {}
+            if train_step.failure:
+                monitor.record["summary"].update(cuda_graphs=False, cuda_graph_failure=train_step.failure)
             if monitor.log(step, time.perf_counter() - start, smoothed.member_dicts()[0], evaluated, crossed):
                 return
             while next_log <= step:
@@ -198,14 +222,12 @@ def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
         # ---- one training step ----
         x, y = next_batch(task, sampler, B, data_generator)
         measure = k > 1 and step % config.noise_scale.every == 0
-        optimizer.zero_grad(set_to_none=True)
-        result = compute_gradients(model, task, x, y, k if measure else 1, norms)
+        result = train_step(x, y, measure)
         if measure:
             noise.add(result.small_sq_norm, result.big_sq_norm)
         smoothed.update(result.metrics, step)
         if goals is not None:
             goals.update(smoothed)
-        optimizer.step()
         step += 1
         if config.budget.max_seconds is not None and step % 64 == 0 \
                 and time.perf_counter() - start >= config.budget.max_seconds:
