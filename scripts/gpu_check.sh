@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device checks for a session that is lent a GPU, as one short script (about 6 minutes):
-#   1. the CUDA-graph tests (a replayed packed step gives the eager step's records),
+#   1. the CUDA-graph tests (plain and packed runs replayed from CUDA graphs give the eager records),
 #   2. the fast-path table (issue: GPU-fast sweeps) for the paper's MNIST CNN with 8 and 32 members
 #      and for digits, and per-task step times (issue: paper tasks),
 #   3. the default sweep with packing on and off, where Hydra and submitit are importable

@@ -14,6 +14,7 @@ Each call is exactly one step: capturing records kernels without running them, a
 that follows runs them. Off the GPU, or disabled, the same function runs eagerly on the same
 buffers. Tests without a GPU stand in for the capture by recording the step's operations once and
 replaying them (tests/graph_replay.py), which catches a step that breaks the rules above.
+TrainSteps pairs a loop's plain and measuring steps; critbatch.train and critbatch.packed fill it in.
 """
 from __future__ import annotations
 
