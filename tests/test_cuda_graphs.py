@@ -69,7 +69,7 @@ def test_the_setting_is_checked():
         use_cuda_graphs("yes", torch.device("cpu"))
 
 
-def test_eager_graphed_step_runs_the_function_on_its_static_inputs():
+def test_eager_graphed_step_runs_the_function():
     state = torch.zeros(3)
 
     def step(x):

@@ -11,8 +11,7 @@ The step must be a function of fixed ("static") tensors only:
 The first `warmup` calls run eagerly on a side stream (lazy initialisation — optimizer state,
 cuBLAS workspaces — must happen before capture), the next one is captured and every call replays.
 Each call is exactly one step: capturing records kernels without running them, and the replay
-that follows runs them. Off the GPU, or disabled, the same function runs eagerly on the same
-buffers. Tests without a GPU stand in for the capture by recording the step's operations once and
+that follows runs them. Off the GPU, or disabled, the same function runs eagerly. Tests without a GPU stand in for the capture by recording the step's operations once and
 replaying them (tests/graph_replay.py), which catches a step that breaks the rules above.
 TrainSteps pairs a loop's plain and measuring steps; critbatch.train and critbatch.packed fill it in.
 """
@@ -46,6 +45,8 @@ class GraphedStep:
         return self.replay is not None
 
     def __call__(self, *inputs: torch.Tensor):
+        if not self.use_graph:  # eager: no static buffers needed
+            return self.fn(*inputs)
         if self.inputs is None:
             self.inputs = tuple(t.clone() for t in inputs)
         else:
@@ -54,8 +55,6 @@ class GraphedStep:
         if self.replay is not None:
             self.replay()
             return self.outputs
-        if not self.use_graph:
-            return self.fn(*self.inputs)
         if self.eager_calls < self.warmup:
             self.eager_calls += 1
             return self._warmup_call()
