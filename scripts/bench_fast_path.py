@@ -109,7 +109,7 @@ def run_steps(train_step, task, batch_size, steps, device, measure_every) -> flo
 def plain_loop(task, batch_size, steps, device, measure_every=0):
     torch.manual_seed(0)
     model = task.make_model().to(device).train()
-    graphs = use_cuda_graphs("auto", device)
+    graphs = use_cuda_graphs("auto", device, batch_size)
     optimizer = make_optimizer(model.parameters(), OptimizerConfig(name="momentum", lr=1e-3), capturable=graphs)
     norms = MicroBatchNorms(model)
     train_step = PlainSteps(model, task, optimizer, noise_micro_batches(batch_size, 4),
@@ -124,7 +124,7 @@ def packed_loop(task, batch_size, steps, device, members, measure_every=0):
     packed = PackedModel(task, models)
     optimizer = PackedOptimizer(packed.params, OptimizerConfig(name="momentum"),
                                 torch.logspace(-4, -2, members, device=device))
-    train_step = PackedSteps(packed, optimizer, noise_micro_batches(batch_size, 4), use_cuda_graphs("auto", device))
+    train_step = PackedSteps(packed, optimizer, noise_micro_batches(batch_size, 4), use_cuda_graphs("auto", device, batch_size))
     return run_steps(train_step, task, batch_size, steps, device, measure_every) / members
 
 

@@ -43,7 +43,7 @@ def replaying(monkeypatch, module) -> list:
             return (lambda: (replays.append(1), replay())), outputs
 
     monkeypatch.setattr(critbatch.cuda_graphs, "GraphedStep", CountingReplayedStep)
-    monkeypatch.setattr(module, "use_cuda_graphs", lambda setting, device: True)
+    monkeypatch.setattr(module, "use_cuda_graphs", lambda setting, device, batch_size: True)
     return replays
 
 
@@ -60,13 +60,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_the_setting_is_checked():
-    assert not use_cuda_graphs("auto", torch.device("cpu"))
-    assert not use_cuda_graphs(False, torch.device("cuda"))
-    assert use_cuda_graphs("auto", torch.device("cuda"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_cuda_graphs("auto", cpu, 16) and not use_cuda_graphs(False, cuda, 16)
+    assert use_cuda_graphs("auto", cuda, 1024) and not use_cuda_graphs("auto", cuda, 2048)  # large B: no gain
+    assert use_cuda_graphs(True, cuda, 16384)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        use_cuda_graphs(True, torch.device("cpu"))
+        use_cuda_graphs(True, cpu, 16)
     with pytest.raises(ConfigError, match="choose true, false or auto"):
-        use_cuda_graphs("yes", torch.device("cpu"))
+        use_cuda_graphs("yes", cpu, 16)
 
 
 def test_eager_graphed_step_runs_the_function():

@@ -108,10 +108,19 @@ class TrainSteps:
         return next((s.failure for s in self._steps.values() if s.failure), None)
 
 
-def use_cuda_graphs(setting, device: torch.device) -> bool:
-    """The run setting cuda_graphs: auto (on a CUDA device), true (fails off one) or false."""
+# auto graphs a step only up to this batch size: beyond it a step is bound by its arithmetic, not by
+# launches (the GPU-fast issue's H200 table: eager and graphed steps tie from B=1024 up), while
+# each graph holds a batch's activations in GPU memory of its own.
+AUTO_MAX_BATCH_SIZE = 1024
+
+
+def use_cuda_graphs(setting, device: torch.device, batch_size: int) -> bool:
+    """The run setting cuda_graphs: auto (on a CUDA device, for B <= AUTO_MAX_BATCH_SIZE), true
+    (fails off one) or false."""
     if setting not in (True, False, "auto"):
         raise ConfigError(f"cuda_graphs={setting!r}; choose true, false or auto")
     if setting is True and device.type != "cuda":
         raise ConfigError(f"cuda_graphs=true needs a CUDA device, but the run is on {device}; use cuda_graphs=auto")
-    return setting is not False and device.type == "cuda"
+    if setting == "auto":
+        return device.type == "cuda" and batch_size <= AUTO_MAX_BATCH_SIZE
+    return setting

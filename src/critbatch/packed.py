@@ -164,7 +164,7 @@ def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | No
 def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs: list[float]) -> None:
     setup_start = time.perf_counter()
     device = pick_device(config.device)
-    graphs = use_cuda_graphs(config.cuda_graphs, device)
+    graphs = use_cuda_graphs(config.cuda_graphs, device, config.batch_size)
     B, M = config.batch_size, len(monitors)
     # The same seeding as the plain loop, so every member starts where its twin starts.
     torch.manual_seed(config.seed)

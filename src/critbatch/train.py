@@ -178,7 +178,7 @@ def train(config: RunConfig | dict, out_dir: str | Path | None = None) -> dict:
 def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
     setup_start = time.perf_counter()
     device = pick_device(config.device)
-    graphs = use_cuda_graphs(config.cuda_graphs, device)
+    graphs = use_cuda_graphs(config.cuda_graphs, device, config.batch_size)
     B = config.batch_size
     torch.manual_seed(config.seed)
     task.load(device)
