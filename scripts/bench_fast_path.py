@@ -124,7 +124,8 @@ def packed_loop(task, batch_size, steps, device, members, measure_every=0):
     packed = PackedModel(task, models)
     optimizer = PackedOptimizer(packed.params, OptimizerConfig(name="momentum"),
                                 torch.logspace(-4, -2, members, device=device))
-    train_step = PackedSteps(packed, optimizer, noise_micro_batches(batch_size, 4), use_cuda_graphs("auto", device, batch_size))
+    train_step = PackedSteps(packed, optimizer, noise_micro_batches(batch_size, 4),
+                             use_cuda_graphs("auto", device, batch_size))
     return run_steps(train_step, task, batch_size, steps, device, measure_every) / members
 
 

@@ -38,21 +38,20 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
         raise ConfigError(f"packing.enabled={enabled!r}; choose true, false or auto")
     # auto: packing pays where kernel launches dominate, on a GPU; on a CPU the plain loop is as fast.
     on_gpu = torch.cuda.is_available()
-    by_key: dict[str, list[dict]] = {}
+    by_key: dict[tuple, list[dict]] = {}  # (packed?, what the pack shares) -> runs
     for config in configs:
         wanted = enabled is True or (enabled == "auto" and on_gpu and config["device"] != "cpu")
         small = config["batch_size"] <= packing.get("max_batch_size", 256)
-        key = "packed:" + pack_key(RunConfig.from_dict(config)) if wanted and small else f"alone:{len(by_key)}"
+        key = (True, pack_key(RunConfig.from_dict(config))) if wanted and small else (False, len(by_key))
         by_key.setdefault(key, []).append(config)
     size = max(1, int(packing.get("max_members", 32)))
-    return [(group[i:i + size], key.startswith("packed:"))
-            for key, group in by_key.items() for i in range(0, len(group), size)]
+    return [(group[i:i + size], packed) for (packed, _), group in by_key.items() for i in range(0, len(group), size)]
 
 
 def _train_pack(sweep_dir: str, pack: list[dict], packed: bool) -> list[dict]:
     out_dirs = [records.run_dir(sweep_dir, c) for c in pack]
-    # A pack of one gains nothing: vmap over one member is slower than the plain loop, which
-    # replays its steps from CUDA graphs too (scripts/bench_fast_path.py, "packed x1").
+    # A pack of one gains nothing: vmap over one member is slower than the plain loop (4x on a
+    # CPU), which replays its steps from CUDA graphs too.
     if packed and len(pack) > 1:
         try:
             return train_packed(pack, out_dirs)

@@ -11,9 +11,10 @@ The step must be a function of fixed ("static") tensors only:
 The first `warmup` calls run eagerly on a side stream (lazy initialisation — optimizer state,
 cuBLAS workspaces — must happen before capture), the next one is captured and every call replays.
 Each call is exactly one step: capturing records kernels without running them, and the replay
-that follows runs them. Off the GPU, or disabled, the same function runs eagerly. Tests without a GPU stand in for the capture by recording the step's operations once and
-replaying them (tests/graph_replay.py), which catches a step that breaks the rules above.
-TrainSteps pairs a loop's plain and measuring steps; critbatch.train and critbatch.packed fill it in.
+that follows runs them. Off the GPU, or disabled, the same function runs eagerly. Tests without
+a GPU stand in for the capture by recording the step's operations once and replaying them
+(tests/graph_replay.py), which catches a step that breaks the rules above. TrainSteps pairs a
+loop's plain and measuring steps; critbatch.train and critbatch.packed fill it in.
 """
 from __future__ import annotations
 

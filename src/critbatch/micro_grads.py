@@ -5,9 +5,10 @@ A layer computes z_i = W a_i + b for each example i, so the gradient of the full
 is sum_i delta_i a_i^T, where delta_i is that loss's gradient with respect to z_i. The gradient of
 micro-batch j's own mean loss is k * sum_{i in j} delta_i a_i^T: one batched matmul over the k
 micro-batches gives all k of them from the activations and output gradients the pass already
-computes. Rules here: Linear (any leading dims), Conv2d (zero padding; one weight-gradient
-convolution for all micro-batches, as groups, on a GPU) and BatchNorm. A model with any other layer that holds
-trainable parameters is not `supported`, and critbatch.train then runs the k passes instead.
+computes. Rules here: Linear (any leading dims), Conv2d (zero padding; on a GPU one
+weight-gradient convolution with the micro-batches as groups) and BatchNorm. A model with any
+other layer that holds trainable parameters is not `supported`, and critbatch.train then runs
+the k passes instead.
 
 In a model without BatchNorm the examples do not interact, so these are exactly the micro-batch
 gradients. BatchNorm couples a batch's examples; here every example is normalised with the full
@@ -105,7 +106,8 @@ class MicroBatchNorms:
 
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-        self.supported = all(_rule(m) is not None for m in self.layers)
+        self.rules = {id(m): _rule(m) for m in self.layers}  # looked up once, not on every measuring step
+        self.supported = all(rule is not None for rule in self.rules.values())
         self.params = list({id(p): p for m in self.layers for p in m.parameters(recurse=False)
                             if p.requires_grad}.values())
         self._passes: list[tuple[nn.Module, dict]] = []
@@ -148,7 +150,7 @@ class MicroBatchNorms:
                     share_sq_norms.append(sq_norm)
                     continue
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-            for p, g in zip(params, _rule(module)(module, a, d, k)):
+            for p, g in zip(params, self.rules[id(module)](module, a, d, k)):
                 if p.requires_grad:
                     g = g.reshape(k, -1)
                     shares[id(p)] = shares[id(p)] + g if id(p) in shares else g

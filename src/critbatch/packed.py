@@ -11,8 +11,7 @@ that finish or diverge leave the pack at the next logged step and stop costing c
 The k micro-batch gradients that the noise scale needs come from one more vmap (over the
 micro-batches), so a measuring step costs about what a plain step does.
 On a CUDA device the step (and the measuring step) is captured once in a CUDA graph and replayed
-(critbatch.cuda_graphs): the vmapped step's many small kernels then cost one launch, which is what
-makes a pack — even a pack of one run — fast at small batch sizes.
+(critbatch.cuda_graphs): the vmapped step's many small kernels then cost one launch.
 
 Not for models with BatchNorm (running statistics are updated in place, which vmap cannot do per
 member): such models raise NotPackable, and their runs go through the plain loop.
