@@ -130,3 +130,4 @@ def build_task(name: str, **options) -> Task:
 # Importing the modules registers their tasks.
 from critbatch.tasks import digits, synthetic  # noqa: E402,F401
 from critbatch.tasks import cifar10, mnist, svhn  # noqa: E402,F401
+from critbatch.tasks import mnist1d  # noqa: E402,F401
