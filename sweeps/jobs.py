@@ -13,8 +13,8 @@ from pathlib import Path
 
 from critbatch import records
 from critbatch.config import ConfigError, RunConfig
-from critbatch.packed import NotPackable, pack_key, train_packed
-from critbatch.train import train
+from critbatch.packed import pack_key, packable
+from critbatch.train import train_pack
 
 
 class JobKilled(Exception):
@@ -27,9 +27,10 @@ def _raise_killed(signum, frame):
 
 
 def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], bool]]:
-    """(runs, packed) pairs: runs that may train as one packed model (they differ only in lr, and
-    B is small enough for packing to pay), at most packing.max_members each, with packed=True;
-    every other run alone, with packed=False."""
+    """(runs, packed) pairs: runs that may train as one packed model (they differ only in lr, B is
+    small enough for packing to pay, and the model has no BatchNorm: decided here, before any data
+    is loaded), at most packing.max_members each, with packed=True; every other run alone, with
+    packed=False. A pack of one trains plain: vmap over one member gains nothing."""
     import torch
 
     packing = packing or {}
@@ -42,22 +43,18 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
     for config in configs:
         wanted = enabled is True or (enabled == "auto" and on_gpu and config["device"] != "cpu")
         small = config["batch_size"] <= packing.get("max_batch_size", 256)
-        key = (True, pack_key(RunConfig.from_dict(config))) if wanted and small else (False, len(by_key))
+        key = (True, pack_key(RunConfig.from_dict(config))) if wanted and small and packable(config) \
+            else (False, len(by_key))
         by_key.setdefault(key, []).append(config)
     size = max(1, int(packing.get("max_members", 32)))
-    return [(group[i:i + size], packed) for (packed, _), group in by_key.items() for i in range(0, len(group), size)]
+    chunks = [(group[i:i + size], packed) for (packed, _), group in by_key.items() for i in range(0, len(group), size)]
+    # vmap over one member is slower than the plain loop (4x on a CPU), which replays its steps
+    # from CUDA graphs too
+    return [(chunk, packed and len(chunk) > 1) for chunk, packed in chunks]
 
 
 def _train_pack(sweep_dir: str, pack: list[dict], packed: bool) -> list[dict]:
-    out_dirs = [records.run_dir(sweep_dir, c) for c in pack]
-    # A pack of one gains nothing: vmap over one member is slower than the plain loop (4x on a
-    # CPU), which replays its steps from CUDA graphs too.
-    if packed and len(pack) > 1:
-        try:
-            return train_packed(pack, out_dirs)
-        except NotPackable:
-            pass
-    return [train(c, d) for c, d in zip(pack, out_dirs)]  # plain path (BatchNorm models, or alone)
+    return train_pack(pack, [records.run_dir(sweep_dir, c) for c in pack], packed=packed)
 
 
 def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, vmap
 from critbatch.gns import NoiseScale, micro_batch_sq_norms, unbiased_sq_norm_and_trace
 from critbatch.micro_grads import MicroBatchNorms
 from critbatch.tasks import build_task
-from critbatch.train import BatchSampler, compute_gradients, next_batch
+from critbatch.train import Batches, compute_gradients
 
 Z = 4.0  # tolerance in standard errors
 
@@ -26,12 +26,12 @@ Z = 4.0  # tolerance in standard errors
 MEASUREMENTS = ["one pass", "k passes"]  # critbatch.micro_grads, or k passes of B/k examples
 
 
-def draw_sq_norms(model, task, n_draws, batch_size, micro_batches, generator, sampler=None, how="one pass"):
+def draw_sq_norms(model, task, n_draws, micro_batches, batches, how="one pass"):
     """(small, big) squared norms from n independent batches, through train's own code path."""
     small, big = np.empty(n_draws), np.empty(n_draws)
     norms = MicroBatchNorms(model) if how == "one pass" else None
     for i in range(n_draws):
-        x, y = next_batch(task, sampler, batch_size, generator)
+        x, y = batches.next()
         model.zero_grad(set_to_none=True)
         result = compute_gradients(model, task, x, y, micro_batches, norms)
         small[i], big[i] = float(result.small_sq_norm), float(result.big_sq_norm)
@@ -83,8 +83,8 @@ def linreg_draws(request):
     with torch.no_grad():  # fixed, far from the optimum (B_simple ~ 90, comparable to B)
         model.weight.copy_(-task.w_star.float().reshape(1, -1))
     exact = task.exact(model.weight)
-    generator = torch.Generator().manual_seed(1)
-    small, big = draw_sq_norms(model, task, LINREG_DRAWS, LINREG_B, LINREG_K, generator, how=request.param)
+    batches = Batches(task, LINREG_B, "with_replacement", 1, "cpu")
+    small, big = draw_sq_norms(model, task, LINREG_DRAWS, LINREG_K, batches, how=request.param)
     return exact, small, big
 
 
@@ -200,9 +200,8 @@ def test_digits_online_estimator_matches_exact_b_simple(how):
     model.train()
     exact_sq_norm, exact_trace, exact_b_simple = exact_digits_statistics(model, task)
 
-    generator = torch.Generator().manual_seed(2)
-    sampler = BatchSampler(task.dataset_size, DIGITS_B, "with_replacement", generator, "cpu")
-    small, big = draw_sq_norms(model, task, DIGITS_DRAWS, DIGITS_B, DIGITS_K, generator, sampler, how)
+    batches = Batches(task, DIGITS_B, "with_replacement", 2, "cpu")
+    small, big = draw_sq_norms(model, task, DIGITS_DRAWS, DIGITS_K, batches, how)
     sq_norm, trace = unbiased_estimates(small, big, DIGITS_B // DIGITS_K, DIGITS_B)
 
     for name, values, truth in (("|G|^2", sq_norm, exact_sq_norm), ("tr(Sigma)", trace, exact_trace)):
@@ -244,7 +243,7 @@ def test_bad_beta_raises(beta):
 def test_nan_before_first_update_and_when_sq_norm_not_positive():
     noise = NoiseScale(beta=0.9)
     state = noise.state()
-    assert state["updates"] == 0
+    assert state["noise_updates"] == 0
     assert all(math.isnan(state[k]) for k in ("b_simple", "grad_sq_norm", "trace_sigma"))
     # |G_big|^2 much smaller than |G_small|^2 makes the |G|^2 estimate negative: b_simple is NaN
     noise.update(small_sq_norm=10.0, big_sq_norm=0.1, small_batch=8, big_batch=32)

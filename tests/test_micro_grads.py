@@ -1,5 +1,6 @@
 """One-pass micro-batch gradient norms (critbatch.micro_grads) equal those of k separate passes,
-wherever examples do not interact; with BatchNorm, the update stays the full-batch one."""
+wherever examples do not interact; a model with BatchNorm is measured by k passes, each
+micro-batch normalised with its own statistics (the data-parallel definition), exactly."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from critbatch.gns import micro_batch_sq_norms
-from critbatch.micro_grads import MicroBatchNorms, _conv2d
-from critbatch.train import train
+import copy
+
+from critbatch.micro_grads import MicroBatchNorms, _conv
+from critbatch.tasks import build_task
+from critbatch.tasks.models import CifarResNet
+from critbatch.train import compute_gradients, train
 
 K = 4
 
@@ -66,12 +71,21 @@ def conv_net(batchnorm: bool = False) -> nn.Module:
     )
 
 
+def conv1d_net() -> nn.Module:
+    """MNIST-1D's reference CNN in small: strided 1-D convolutions, then a linear head."""
+    return nn.Sequential(nn.Conv1d(1, 5, 5, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv1d(5, 4, 3, stride=2, padding=1, dilation=1), nn.ReLU(),
+                         nn.Conv1d(4, 4, 3, stride=1, padding=2, dilation=2, groups=2, bias=False), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 5, 3))
+
+
 CASES = {
     "mlp": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, 3)), (10,)),
     "wide_without_bias": (lambda: nn.Sequential(nn.Linear(10, 32, bias=False), nn.Tanh(), nn.Linear(32, 3)), (10,)),
     "shared_and_frozen": (Shared, (6,)),
     "sequence": (SequenceMLP, (9, 5)),
     "conv": (lambda: conv_net(batchnorm=False), (3, 8, 8)),
+    "conv1d": (conv1d_net, (1, 20)),
 }
 
 
@@ -92,33 +106,49 @@ def test_grouped_and_per_micro_batch_convolution_shares_agree():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
     a, d = torch.randn(8, 4, 9, 9, dtype=torch.float64), torch.randn(8, 6, 5, 5, dtype=torch.float64)
-    grouped, looped = _conv2d(conv, a, d, K, grouped=True), _conv2d(conv, a, d, K, grouped=False)
+    grouped, looped = _conv(conv, a, d, K, grouped=True), _conv(conv, a, d, K, grouped=False)
     for g, h in zip(grouped, looped):
+        assert g.shape[0] == K and torch.allclose(g, h, rtol=1e-10)
+    conv1d = nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2).double()
+    a, d = torch.randn(8, 4, 9, dtype=torch.float64), torch.randn(8, 6, 5, dtype=torch.float64)
+    for g, h in zip(_conv(conv1d, a, d, K, grouped=True), _conv(conv1d, a, d, K, grouped=False)):
         assert g.shape[0] == K and torch.allclose(g, h, rtol=1e-10)
 
 
-def test_batchnorm_with_running_statistics_is_exact_and_in_training_keeps_the_full_batch_update():
-    torch.manual_seed(0)
-    model = conv_net(batchnorm=True).double()
-    x, y = torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
-    for _ in range(3):  # give the running statistics values of their own
-        model(x + torch.randn_like(x))
-    model.eval()  # normalised by running statistics: examples independent, so exact
-    expected = k_pass_norms(model, F.cross_entropy, x, y, K)
-    assert [float(v) for v in one_pass_norms(model, F.cross_entropy, x, y, K)] == \
-        pytest.approx([float(v) for v in expected], rel=1e-10)
+def per_micro_batch_autograd(model, loss_fn, x, y, k):
+    """The reference, written independently of critbatch: each micro-batch through its own copy of
+    the model in training mode (BatchNorm normalises it with its own statistics), gradients by
+    autograd, flattened."""
+    grads = []
+    for xs, ys in zip(x.chunk(k), y.chunk(k)):
+        replica = copy.deepcopy(model)
+        loss = loss_fn(replica(xs), ys)
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(replica.parameters()))]))
+    return torch.stack(grads)
 
-    model.train()  # the batch's statistics couple its examples
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    small, big = one_pass_norms(model, F.cross_entropy, x, y, K)
-    measured = [p.grad.clone() for p in model.parameters()]
-    model.load_state_dict(state)
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    assert all(torch.equal(a, p.grad) for a, p in zip(measured, model.parameters()))  # same update
-    # |mean_j g_j|^2 is the full-batch gradient's squared norm, and the spread is non-negative.
-    assert float(big) == pytest.approx(sum(float(p.grad.pow(2).sum()) for p in model.parameters()), rel=1e-10)
-    assert float(small) > float(big)
+
+@pytest.mark.parametrize("make, shape", [(lambda: conv_net(batchnorm=True), (3, 8, 8)),
+                                         (lambda: CifarResNet(depth=8), (3, 16, 16))])
+def test_batchnorm_micro_batch_gradients_are_the_data_parallel_ones(make, shape):
+    torch.manual_seed(0)
+    model = make().double().train()
+    assert not MicroBatchNorms(model).supported  # no one-pass rule: it would not be exact
+    x, y = torch.randn(16, *shape, dtype=torch.float64), torch.randint(0, 10, (16,))
+    reference = per_micro_batch_autograd(model, F.cross_entropy, x, y, K)
+    model.zero_grad(set_to_none=True)
+    task = build_task("digits")  # its cross-entropy loss and metrics; the model is ours
+    result = compute_gradients(model, task, x, y, K, norms=None)
+    small, big = float(result.small_sq_norm), float(result.big_sq_norm)
+    assert small == pytest.approx(float(reference.pow(2).sum(1).mean()), rel=1e-10)
+    assert big == pytest.approx(float(reference.mean(0).pow(2).sum()), rel=1e-10)
+    update = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(update, reference.mean(0), rtol=1e-10, atol=1e-14)  # the data-parallel update
+    # the test can fail: normalising the whole batch at once gives another gradient
+    whole = copy.deepcopy(model)
+    whole.zero_grad()
+    F.cross_entropy(whole(x), y).backward()
+    full = torch.cat([p.grad.reshape(-1) for p in whole.parameters()])
+    assert not torch.allclose(full, reference.mean(0), rtol=1e-3)
 
 
 def test_models_with_other_parameterised_layers_take_k_passes(tmp_path):
@@ -128,3 +158,4 @@ def test_models_with_other_parameterised_layers_take_k_passes(tmp_path):
     record = train({"task": {"name": "digits", "hidden": 16}, "batch_size": 32, "device": "cpu",
                     "budget": {"max_steps": 30}})
     assert record["summary"]["noise_measurement"] == "one pass"
+    assert not MicroBatchNorms(conv_net(batchnorm=True)).supported

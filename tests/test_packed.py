@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from critbatch import records
-from critbatch.packed import PackedOptimizer, train_packed
+from critbatch.packed import PackedOptimizer
 from critbatch.train import has_batchnorm
-from critbatch.train import train
+from critbatch.train import train, train_pack
 from sweeps.jobs import packs, run_group
 
 LRS = {"sgd": [0.1, 0.8, 50.0], "momentum": [0.02, 0.1, 5.0], "adam": [0.002, 0.01, 1.0]}
@@ -27,8 +27,8 @@ def assert_same_run(plain: dict, packed: dict) -> None:
     assert packed["status"] == plain["status"]
     assert packed["summary"]["steps"] == plain["summary"]["steps"]
     for a, b in zip(plain["goals"], packed["goals"]):
-        assert a["reached"] == b["reached"]
-        if a["reached"]:
+        assert (a["reached"], a["censored"]) == (b["reached"], b["censored"])
+        if a["reached"] and not a["censored"]:
             assert b["step"] == pytest.approx(a["step"], abs=1e-3)
             assert b["b_simple"] == pytest.approx(a["b_simple"], rel=1e-3)
     for key in ("step", "train_loss", "train_error", "b_simple", "exact_loss"):
@@ -41,7 +41,7 @@ def assert_same_run(plain: dict, packed: dict) -> None:
 def test_packed_members_equal_their_plain_twins(optimizer):
     configs = digits_configs(optimizer)
     plain = [train(c) for c in configs]
-    packed = train_packed(configs, [None] * len(configs))
+    packed = train_pack(configs, [None] * len(configs))
     assert {r["status"] for r in plain} >= {records.COMPLETED, records.DIVERGED}  # the pack mixes fates
     for a, b in zip(plain, packed):
         assert_same_run(a, b)
@@ -53,10 +53,10 @@ def test_packed_evaluated_goals_and_epoch_shuffling():
     base = {"task": {"name": "linreg", "dim": 16}, "batch_size": 16, "device": "cpu",
             "goals": {"metric": "exact_excess_loss", "thresholds": [1.0, 0.3]}, "budget": {"max_steps": 800}}
     configs = [{**base, "optimizer": {"name": "sgd", "lr": lr}} for lr in (0.05, 0.2, 0.6)]
-    for a, b in zip([train(c) for c in configs], train_packed(configs, [None] * 3)):
+    for a, b in zip([train(c) for c in configs], train_pack(configs, [None] * 3)):
         assert_same_run(a, b)
     shuffled = digits_configs("sgd", batch_size=64, sampling="epoch_shuffle")
-    for a, b in zip([train(c) for c in shuffled], train_packed(shuffled, [None] * 3)):
+    for a, b in zip([train(c) for c in shuffled], train_pack(shuffled, [None] * 3)):
         assert_same_run(a, b)
 
 
@@ -69,7 +69,7 @@ def test_finished_and_diverged_members_stop_costing_compute(monkeypatch):
         return original(self, params, grads)
 
     monkeypatch.setattr(PackedOptimizer, "step", counting_step)
-    packed = train_packed(digits_configs("sgd"), [None] * 3)
+    packed = train_pack(digits_configs("sgd"), [None] * 3)
     steps = [r["summary"]["steps"] for r in packed]
     assert len(set(steps)) == 3  # diverged early, finished fast, finished slowly
     # Every member-step computed belongs to a member still running at that step.
@@ -86,7 +86,8 @@ def test_packs_follow_the_config():
     small, large = digits_configs("sgd", batch_size=32), digits_configs("sgd", batch_size=1024)
     packing = {"enabled": True, "max_batch_size": 256, "max_members": 2}
     groups = packs(small + large, packing)
-    assert sorted((len(g), packed) for g, packed in groups) == [(1, False)] * 3 + [(1, True), (2, True)]
+    # a pack of one trains plain
+    assert sorted((len(g), packed) for g, packed in groups) == [(1, False)] * 4 + [(2, True)]
     assert all(not packed for g, packed in groups if g[0]["batch_size"] == 1024)  # large B: alone
     assert packs(small, {"enabled": False}) == [([c], False) for c in small]
     mixed = small[:1] + [{**small[1], "seed": 7}]  # another seed: another batch stream, not packable

@@ -49,17 +49,28 @@ class BudgetConfig:
 class NoiseScaleConfig:
     every: int = 10            # measure on every n-th step (bounded cost)
     micro_batches: int = 4     # B_small = B / micro_batches, B_big = B
-    beta: float = 0.95         # EMA factor per measurement
+    # The estimate is averaged over a window of this fraction of the steps so far (at least
+    # smoothing.min_examples examples), so that at a goal it is the noise scale of the parameters
+    # that reached it, in a short run as in a long one.
+    relative_window: float = 0.1
+    # B_simple at initialisation: measured before training on batches of init_batch_size (or B if
+    # larger), until its standard error is below init_precision of it (at most INIT_MAX_BATCHES).
+    init_batch_size: int = 512
+    init_precision: float = 0.03
     enabled: bool = True
 
 
 @dataclass
 class SmoothingConfig:
-    # The training metrics that goals use are EMAs whose window is `relative_window` of the steps
-    # taken so far (so a goal's step is resolved to a few % at any B), but never fewer than
-    # `min_examples` examples (so small batches are not judged on one noisy batch).
+    # The metrics that goals use are EMAs whose window is `relative_window` of the steps taken so
+    # far (so a goal's step is resolved to a few % at any B), but never fewer than `min_examples`
+    # examples (so small batches are not judged on one noisy batch). A goal met already when the
+    # first window fills is recorded as censored: its step is not known.
     relative_window: float = 0.05
     min_examples: int = 512
+    # Goal metrics that are evaluated rather than measured on the training batches (linreg's exact
+    # loss, the clean training error) are evaluated at steps this far apart and smoothed alike.
+    eval_relative_interval: float = 0.01
 
 
 @dataclass
@@ -145,12 +156,29 @@ class RunConfig:
         if budget.max_steps is None and budget.max_examples is None and budget.max_seconds is None:
             raise ConfigError("budget: set at least one of max_steps, max_examples, max_seconds")
         ns = self.noise_scale
-        if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (ns.every, ns.micro_batches))
-                or not _is_number(ns.beta) or ns.every < 1 or ns.micro_batches < 2 or not 0 <= ns.beta < 1):
-            raise ConfigError(f"noise_scale: need every >= 1, micro_batches >= 2 and 0 <= beta < 1, got "
-                              f"every={ns.every}, micro_batches={ns.micro_batches}, beta={ns.beta}")
-        if not 0 < self.smoothing.relative_window <= 1 or self.smoothing.min_examples < 0:
-            raise ConfigError(f"smoothing: need 0 < relative_window <= 1 and min_examples >= 0, got {self.smoothing}")
+        if not isinstance(ns.enabled, bool):
+            raise ConfigError(f"noise_scale.enabled={ns.enabled!r} must be true or false")
+        for name in ("every", "micro_batches", "init_batch_size"):
+            value = getattr(ns, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (2 if name == "micro_batches" else 1):
+                raise ConfigError(f"noise_scale.{name}={value!r} must be an integer >= "
+                                  f"{2 if name == 'micro_batches' else 1}")
+        if ns.enabled and ns.micro_batches > self.batch_size:
+            raise ConfigError(f"noise_scale.micro_batches={ns.micro_batches} exceeds batch_size={self.batch_size}: "
+                              "the noise scale needs at least two micro-batches of one example or more; "
+                              "lower micro_batches, raise the batch size or set noise_scale.enabled=false")
+        for name, upper in (("relative_window", 1.0), ("init_precision", 1.0)):
+            value = getattr(ns, name)
+            if not _is_number(value) or not 0 < value <= upper:
+                raise ConfigError(f"noise_scale.{name}={value!r} must lie in (0, {upper:g}]")
+        smoothing = self.smoothing
+        if not _is_number(smoothing.relative_window) or not 0 < smoothing.relative_window <= 1:
+            raise ConfigError(f"smoothing.relative_window={smoothing.relative_window!r} must lie in (0, 1]")
+        if not _is_number(smoothing.min_examples) or smoothing.min_examples < 0:
+            raise ConfigError(f"smoothing.min_examples={smoothing.min_examples!r} must be a number >= 0")
+        if not _is_number(smoothing.eval_relative_interval) or not 0 <= smoothing.eval_relative_interval <= 1:
+            raise ConfigError(f"smoothing.eval_relative_interval={smoothing.eval_relative_interval!r} "
+                              "must lie in [0, 1] (0 evaluates at every step)")
         if not self.divergence.loss_ratio > 1:
             raise ConfigError(f"divergence.loss_ratio={self.divergence.loss_ratio} must be > 1")
         if not 0 <= self.log.relative_interval <= 1:

@@ -5,15 +5,13 @@ A layer computes z_i = W a_i + b for each example i, so the gradient of the full
 is sum_i delta_i a_i^T, where delta_i is that loss's gradient with respect to z_i. The gradient of
 micro-batch j's own mean loss is k * sum_{i in j} delta_i a_i^T: one batched matmul over the k
 micro-batches gives all k of them from the activations and output gradients the pass already
-computes. Rules here: Linear (any leading dims), Conv2d (zero padding; on a GPU one
-weight-gradient convolution with the micro-batches as groups) and BatchNorm. A model with any
-other layer that holds trainable parameters is not `supported`, and critbatch.train then runs
-the k passes instead.
+computes. Rules here: Linear (any leading dims) and Conv1d/Conv2d (zero padding; on a GPU one
+weight-gradient convolution with the micro-batches as groups). A model with any other layer that
+holds trainable parameters (BatchNorm among them) is not `supported`, and critbatch.train then
+runs the k passes instead: the rules are exact or not used, never an approximation.
 
-In a model without BatchNorm the examples do not interact, so these are exactly the micro-batch
-gradients. BatchNorm couples a batch's examples; here every example is normalised with the full
-batch's statistics (as in the step's update, which stays exactly the full-batch one) and the
-gradient is split into micro-batch shares afterwards: an approximation (docs/tasks.md).
+In a model of these layers the examples do not interact (dropout masks included: each example's
+mask is its own), so the shares are exactly the micro-batch gradients.
 """
 from __future__ import annotations
 
@@ -22,8 +20,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def _linear(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -34,40 +30,35 @@ def _linear(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, k: int) -> list
     return grads
 
 
-def _conv2d(module: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, k: int,
-            grouped: bool | None = None) -> list[torch.Tensor]:
-    """On a GPU the micro-batches become the groups of one weight-gradient convolution ([B, C, H, W]
-    -> [B/k, k*C, H, W]; one launch, not k); on a CPU, where grouped convolutions are up to 2.4x
+def _conv(module: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor, k: int,
+          grouped: bool | None = None) -> list[torch.Tensor]:
+    """On a GPU the micro-batches become the groups of one weight-gradient convolution ([B, C, ...]
+    -> [B/k, k*C, ...]; one launch, not k); on a CPU, where grouped convolutions are up to 2.4x
     slower than k plain ones, one plain weight-gradient convolution per micro-batch."""
     weight = module.weight
+    weight_grad = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
     d_micro = d.reshape(k, -1, *d.shape[1:])
     if a.is_cuda if grouped is None else grouped:
         n = a.shape[0] // k
         a = a.reshape(k, n, *a.shape[1:]).transpose(0, 1).reshape(n, -1, *a.shape[2:])
         d = d_micro.transpose(0, 1).reshape(n, -1, *d.shape[2:])
-        grad = torch.nn.grad.conv2d_weight(a, (k * weight.shape[0], *weight.shape[1:]), d, module.stride,
-                                           module.padding, module.dilation, module.groups * k)
+        grad = weight_grad(a, (k * weight.shape[0], *weight.shape[1:]), d, module.stride,
+                           module.padding, module.dilation, module.groups * k)
         grads = [grad.reshape(k, *weight.shape)]
     else:
-        grads = [torch.stack([torch.nn.grad.conv2d_weight(a_j, weight.shape, d_j, module.stride, module.padding,
-                                                          module.dilation, module.groups)
+        grads = [torch.stack([weight_grad(a_j, weight.shape, d_j, module.stride, module.padding,
+                                          module.dilation, module.groups)
                               for a_j, d_j in zip(a.chunk(k), d_micro)])]
     if module.bias is not None:
-        grads.append(d_micro.sum((1, 3, 4)))
+        grads.append(d_micro.sum((1, *range(3, d_micro.dim()))))
     return grads
 
 
-def _batchnorm(module: _BatchNorm, a: torch.Tensor, d: torch.Tensor, k: int) -> list[torch.Tensor]:
-    batch_statistics = module.training or module.running_mean is None  # as BatchNorm's forward decides
-    normalised = F.batch_norm(a, None if batch_statistics else module.running_mean,
-                              None if batch_statistics else module.running_var,
-                              training=batch_statistics, eps=module.eps)  # no weight, bias or statistics update
-    per_example = (d * normalised).reshape(k, a.shape[0] // k, a.shape[1], -1)
-    d = d.reshape(k, a.shape[0] // k, a.shape[1], -1)
-    return [per_example.sum((1, 3)), d.sum((1, 3))]  # weight, bias
-
-
-RULES = {nn.Linear: _linear, nn.Conv2d: _conv2d, _BatchNorm: _batchnorm}
+# Layers whose micro-batch gradients the pass's recorded tensors give exactly. Not BatchNorm: it
+# couples a batch's examples, and the data-parallel definition of a micro-batch gradient (each
+# micro-batch normalised with its own statistics) is not a share of the full batch's pass, so a
+# model with BatchNorm is measured by k passes.
+RULES = {nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv}
 
 
 def _linear_sq_norm_without_shares(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -88,7 +79,7 @@ def _linear_sq_norm_without_shares(module: nn.Linear, a: torch.Tensor, d: torch.
 
 
 def _rule(module: nn.Module):
-    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode != "zeros":
         return None
     return next((rule for kind, rule in RULES.items() if isinstance(module, kind)), None)
 

@@ -1,9 +1,8 @@
 """What a training loop keeps track of besides the parameters: smoothed metrics, goal crossings,
-the noise scale, the curve, the stopping decision and the record. Shared by the plain loop
-(critbatch.train) and the packed one (critbatch.packed), so a run is judged the same either way.
+the noise scale, the curve and the record; and, apart from that bookkeeping, the decision to stop.
 
 SmoothedMetrics and GoalCrossings hold a leading "member" dimension (1 for a plain run, M for M
-packed runs) and live on the device: they are updated every step without a host sync. A RunMonitor
+packed runs) and live on the device: they are updated every step without a host sync. A RunBook
 is one run's host-side book: it is consulted at the logged steps only.
 """
 from __future__ import annotations
@@ -20,14 +19,18 @@ import torch
 
 from critbatch import records
 from critbatch.config import RunConfig
-from critbatch.gns import NoiseScale
+from critbatch.gns import NoiseScale, ProgressWindow
+
+NOT_YET = -1.0     # GoalCrossings: the goal has not been met
+CENSORED = -2.0    # it was met already at the first valid measurement: when is unknown
 
 
-def log_steps(relative_interval: float):
-    """Steps 1, 2, 3, ... then geometrically spaced, `relative_interval` apart."""
+def log_steps(relative_interval: float, start: int = 1):
+    """Steps 1, 2, 3, ... then geometrically spaced, `relative_interval` apart (from `start` on)."""
     step = 1
     while True:
-        yield step
+        if step >= start:
+            yield step
         step = max(step + 1, int(step * (1 + relative_interval)))
 
 
@@ -40,87 +43,157 @@ def max_steps(config: RunConfig) -> float:
 
 
 class SmoothedMetrics:
-    """EMAs of the per-batch metrics whose window is max(relative_window * step, min_examples / B)
-    steps, and the EMA of the step index with the same weights: the smoothed value estimates the
-    metric at that centre step, which removes the EMA's lag to first order. Shape [members, metrics]."""
+    """EMAs of metrics whose window is max(relative_window * step, min_examples / B) steps
+    (critbatch.gns.ProgressWindow), with the centre step of their weights: the smoothed value
+    estimates the metric there, which removes the EMA's lag to first order. Values measured every
+    step (batch metrics) and values measured at some steps only (evaluated metrics, `gap` steps
+    apart) are smoothed alike. Shape [members, metrics]."""
 
     def __init__(self, names, members: int, batch_size: int, relative_window: float, min_examples: int, device):
         self.names = tuple(names)
         self.values = torch.zeros(members, len(self.names), device=device)
-        self.center_step = 0.0
-        self.relative_window, self.min_steps = relative_window, min_examples / batch_size
-        self.count = 0
+        self.window = ProgressWindow(relative_window, min_examples / batch_size)
 
-    def update(self, metrics: dict[str, torch.Tensor], step: int) -> None:
+    def update(self, metrics: dict[str, torch.Tensor], step: int, gap: float = 1.0) -> None:
         """Add the metrics (0-d, or one per member) measured on the parameters after `step` updates."""
-        self.count += 1
-        window = max(self.relative_window * step, self.min_steps, 1.0)
-        alpha = 1.0 / min(self.count, window)  # a plain running mean until the window fills
-        new = torch.stack([metrics[n].float().reshape(-1) for n in self.names], dim=-1)
+        alpha = self.window.weight(step, gap)
+        new = torch.stack([torch.as_tensor(metrics[n], device=self.values.device).float().reshape(-1)
+                           for n in self.names], dim=-1)
         self.values.mul_(1 - alpha).add_(new, alpha=alpha)
-        self.center_step = (1 - alpha) * self.center_step + alpha * step
+
+    @property
+    def center_step(self) -> float:
+        return self.window.center_step
 
     @property
     def ready(self) -> bool:
         """True once the average covers at least min_examples examples; goals wait until then."""
-        return self.count >= self.min_steps
+        return self.window.ready
 
     def keep(self, members: torch.Tensor) -> None:
         self.values = self.values[members]
 
-    def member_dicts(self) -> list[dict[str, float]]:
-        return [{f"train_{n}": v for n, v in zip(self.names, row)} for row in self.values.tolist()]
+    def member_dicts(self, prefix: str = "") -> list[dict[str, float]]:
+        return [{f"{prefix}{n}": v for n, v in zip(self.names, row)} for row in self.values.tolist()]
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.cpu(), "window": self.window.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = state["values"].to(self.values.device)
+        self.window.load_state_dict(state["window"])
 
 
 class GoalCrossings:
-    """The centre step at which each member's smoothed goal metric first fell to each threshold
-    (-1: not yet), checked on the device every step. Shape [members, goals]."""
+    """Per member and goal: the centre step at which the smoothed goal metric first fell to the
+    threshold (NOT_YET; CENSORED when it was already there at the first valid measurement, so
+    that the step is unknown), interpolated between the two smoothed values around the crossing.
+    Checked on the device. Shape [members, goals]."""
 
-    def __init__(self, thresholds, metric_index: int, members: int, device):
-        self.metric_index = metric_index
+    def __init__(self, thresholds, members: int, device):
         self.thresholds = torch.tensor(list(thresholds), device=device)
-        self.crossed_at = torch.full((members, len(thresholds)), -1.0, device=device)
+        self.crossed_at = torch.full((members, len(thresholds)), NOT_YET, device=device)
+        self.previous: tuple[torch.Tensor, float] | None = None  # (smoothed values [M, 1], centre)
 
-    def update(self, smoothed: SmoothedMetrics) -> None:
-        if not smoothed.ready:  # not on one noisy batch
-            return
-        value = smoothed.values[:, self.metric_index].unsqueeze(1)
-        newly = (self.crossed_at < 0) & (value <= self.thresholds)
-        self.crossed_at = torch.where(newly, torch.full_like(self.crossed_at, smoothed.center_step), self.crossed_at)
+    def update(self, values: torch.Tensor, center_step: float) -> None:
+        """`values`: the smoothed goal metric of each member [M], valid (its window is full)."""
+        value = values.reshape(-1, 1).clone()  # the smoothed values change in place
+        met = (self.crossed_at == NOT_YET) & (value <= self.thresholds)
+        if self.previous is None:  # the first valid value: a goal met already is not a crossing
+            self.crossed_at = torch.where(met, torch.full_like(self.crossed_at, CENSORED), self.crossed_at)
+        else:
+            before, before_center = self.previous  # above the threshold, where a goal is newly met
+            share = ((before - self.thresholds) / (before - value).clamp_min(1e-30)).clamp(0, 1)
+            at = before_center + share * (center_step - before_center)
+            self.crossed_at = torch.where(met, at, self.crossed_at)
+        self.previous = (value, center_step)
 
     def keep(self, members: torch.Tensor) -> None:
         self.crossed_at = self.crossed_at[members]
+        if self.previous is not None:
+            self.previous = (self.previous[0][members], self.previous[1])
+
+    def state_dict(self) -> dict:
+        previous = None if self.previous is None else (self.previous[0].cpu(), self.previous[1])
+        return {"crossed_at": self.crossed_at.cpu(), "previous": previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.crossed_at.device
+        self.crossed_at = state["crossed_at"].to(device)
+        previous = state["previous"]
+        self.previous = None if previous is None else (previous[0].to(device), previous[1])
 
 
-def smoothed_goal_index(goal_metric: str, batch_metrics) -> int | None:
-    """Index of the goal's metric among the smoothed batch metrics (None: an evaluated metric)."""
-    name = goal_metric[len("train_"):] if goal_metric.startswith("train_") else None
-    return tuple(batch_metrics).index(name) if name in tuple(batch_metrics) else None
+class IdealSteps:
+    """Steps that a run at an infinite batch size would have needed for the progress made so far.
+
+    The paper's model (eq. 2.10): one step at batch size B makes the progress of 1/(1 + B_noise/B)
+    ideal steps, so S = S_min + E_min/B with S_min the ideal steps and E_min/S_min the average of
+    B_noise over them. Here B_noise is approximated by B_simple, written as B G/(|G| B + T) from the
+    averaged |G|^2 = G and tr(Sigma) = T: linear in the noisy G where G B << T (so noise averages
+    out instead of blowing up a ratio), bounded, and odd in G. From a run at batch size B,
+    `path_average(s)` = B (s / ideal(s) - 1) is then B_simple averaged along the path to step s,
+    weighted as B_crit weights it."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.steps: list[float] = []   # knots of the piecewise-linear ideal(step), from the first estimate
+        self.ideal: list[float] = []
+        self.rate = 0.0                # ideal steps per step since the last knot
+
+    def advance(self, step: float, grad_sq_norm: float, trace_sigma: float) -> None:
+        """A new estimate at `step`: the steps since the last one progressed at the old rate."""
+        if not self.steps:
+            self.steps, self.ideal = [float(step)], [0.0]
+        elif step > self.steps[-1]:
+            self.ideal.append(self.ideal[-1] + self.rate * (step - self.steps[-1]))
+            self.steps.append(float(step))
+        g, t, b = grad_sq_norm, trace_sigma, self.batch_size
+        denominator = abs(g) * b + max(t, 0.0)
+        self.rate = g * b / denominator if denominator > 0 else 0.0
+
+    def at(self, step: float) -> float:
+        """ideal(step), extrapolated at the current rate past the last estimate."""
+        if not self.steps:
+            return math.nan
+        if step >= self.steps[-1]:
+            return self.ideal[-1] + self.rate * (step - self.steps[-1])
+        return float(np.interp(step, self.steps, self.ideal))
+
+    def path_average(self, step: float) -> float:
+        """B_simple averaged along the path to `step` (NaN when the path was not measured from the
+        start or its ideal progress is not positive: |G|^2 not resolved)."""
+        if not self.steps or self.steps[0] > 0 or step <= 0:
+            return math.nan
+        ideal = self.at(step)
+        return self.batch_size * (step / ideal - 1.0) if ideal > 0 else math.nan
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
 
 
-class RunMonitor:
-    """One run's record: curve, goals, noise scale and status, written atomically as it goes."""
+class RunBook:
+    """One run's bookkeeping: the record (created by records.new_record), its curve, its goals and
+    its noise-scale estimate; written atomically now and then and whenever the run ends. Whether
+    the run should stop is decided elsewhere (stop_reason)."""
 
     def __init__(self, config: RunConfig, out_dir: str | Path | None):
         self.config = config
-        plain = config.to_dict()
         self.path = Path(out_dir) / records.RECORD_FILE if out_dir is not None else None
-        self.noise = NoiseScale(beta=config.noise_scale.beta)
-        self.curve: dict[str, list] = {}
-        self.record = {
-            "schema_version": records.SCHEMA_VERSION, "run_id": records.run_id(plain),
-            "run_name": records.run_name(plain), "status": records.RUNNING, "config": plain,
-            "goals": [{"metric": config.goals.metric, "threshold": t, "reached": False}
-                      for t in config.goals.thresholds],
-            "summary": {"steps": 0, "examples": 0, "wall_time": 0.0, "reason": None, "error": None,
-                        "host": socket.gethostname(), "pid": os.getpid(), "torch": torch.__version__,
-                        "python": platform.python_version()},
-            "curve": self.curve,
-        }
+        ns, B = config.noise_scale, config.batch_size
+        self.noise = NoiseScale(relative_window=ns.relative_window, min_window=config.smoothing.min_examples / B)
+        self.ideal = IdealSteps(B)
+        self.record = records.new_record(config.to_dict())
+        self.record["summary"].update(host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__,
+                                      python=platform.python_version())
+        self.curve: dict[str, list] = self.record["curve"]
         self.max_steps = max_steps(config)
         self.initial_loss = math.nan
         self._last_save = time.perf_counter()
-        self._last_eval: tuple[int, float] | None = None
+        self._noise_due: list[int] = []  # goals whose noise estimate waits for its window to reach them
         self.save()
 
     @property
@@ -136,98 +209,144 @@ class RunMonitor:
             records.write_record(self.path, self.record)
         self._last_save = time.perf_counter()
 
-    def started(self, initial_loss: float, **facts) -> None:
-        """Set-up done: the reference loss for divergence, and facts for the summary (device, ...)."""
+    def started(self, initial_loss: float, initial_noise: dict | None = None, **facts) -> None:
+        """Set-up done: the reference loss for divergence, B_simple at initialisation, and facts
+        for the summary (device, path, ...)."""
         self.initial_loss = initial_loss
-        self.record["summary"].update(facts)
+        self.record["summary"].update(initial_loss=initial_loss, **(initial_noise or {}), **facts)
 
-    def log(self, step: int, now: float, smoothed: dict[str, float], evaluated: dict[str, float],
-            crossed_at: list[float]) -> bool:
-        """A curve point at `step`; record newly reached goals; decide whether the run is over."""
-        config, B = self.config, self.config.batch_size
-        point = {"step": step, "examples": step * B, "wall_time": now}
-        point.update(smoothed if step > 0 else {k: math.nan for k in smoothed})
-        point.update(evaluated)
-        point.update(self.noise.state())
-        goal_metric = config.goals.metric
-        if goal_metric in evaluated:
-            crossed_at = self._evaluated_crossings(evaluated[goal_metric], step)
-        for goal, crossed in zip(self.record["goals"], crossed_at):
-            if crossed >= 0 and not goal["reached"]:
-                goal.update(self._goal_entry(crossed, step, now))
+    def add_noise(self, small_sq_norm: float, big_sq_norm: float, small_batch: int, big_batch: int,
+                  step: int, gap: int) -> None:
+        """One measurement of the squared norms, on the parameters after `step` updates, `gap`
+        steps after the previous one."""
+        self.noise.update(small_sq_norm, big_sq_norm, small_batch, big_batch, step=step, every=gap)
+        self.ideal.advance(step, self.noise.grad_sq_norm, self.noise.trace_sigma)
+        self._noise_at_goals(final=False)
+
+    def log(self, step: int, now: float, point: dict[str, float], crossed_at: list[float]) -> None:
+        """A curve point at `step` and the goals newly reached (crossed_at: per goal, a centre
+        step, NOT_YET or CENSORED)."""
+        B = self.config.batch_size
+        point = {"step": step, "examples": step * B, "wall_time": now, **point, **self.noise.state(),
+                 "ideal_steps": self.ideal.at(step), "b_simple_path": self.ideal.path_average(step)}
+        for index, (goal, crossed) in enumerate(zip(self.record["goals"], crossed_at)):
+            if goal["reached"] or crossed == NOT_YET:
+                continue
+            if crossed == CENSORED:
+                goal.update(reached=True, censored=True, step_at_most=step)
+                continue
+            wall = float(np.interp(crossed, self.curve["step"] + [step], self.curve["wall_time"] + [now]))
+            goal.update(reached=True, censored=False, step=crossed, examples=crossed * B, wall_time=wall)
+            self._noise_due.append(index)
+        self._noise_at_goals(final=False)
         for key, value in point.items():
             self.curve.setdefault(key, []).append(value)
         self.record["summary"].update(steps=step, examples=step * B, wall_time=now)
 
-        train_loss = point.get("train_loss", math.nan)
-        budget, status, reason = config.budget, None, None
-        if step > 0 and not math.isfinite(train_loss):
-            status, reason = records.DIVERGED, f"smoothed training loss is {train_loss}"
-        elif step > 0 and train_loss > config.divergence.loss_ratio * self.initial_loss:
-            status, reason = records.DIVERGED, (f"smoothed training loss {train_loss:.4g} exceeds "
-                                                f"{config.divergence.loss_ratio} x the initial {self.initial_loss:.4g}")
-        elif all(goal["reached"] for goal in self.record["goals"]):
-            status, reason = records.COMPLETED, "every goal reached"
-        elif step >= self.max_steps:
-            status, reason = records.BUDGET_EXHAUSTED, f"step budget of {self.max_steps} steps spent"
-        elif budget.max_seconds is not None and now >= budget.max_seconds:
-            status, reason = records.BUDGET_EXHAUSTED, f"time budget of {budget.max_seconds} s spent"
-        if status is not None:
-            self.record["status"], self.record["summary"]["reason"] = status, reason
-        if status is not None or time.perf_counter() - self._last_save > config.log.checkpoint_seconds:
-            self.save()  # now and then while running, so a killed job leaves a partial record
-        return status is not None
+    def _noise_at_goals(self, final: bool) -> None:
+        """Give a reached goal the noise estimate centred at its crossing, once the estimate's
+        window has moved there (or now, when the run ends before it does)."""
+        center = self.noise.center_step
+        for index in list(self._noise_due):
+            goal = self.record["goals"][index]
+            if final or (math.isfinite(center) and center >= goal["step"]) or self.noise.updates == 0:
+                goal.update(self.noise.state(), noise_center_step=center,
+                            b_simple_path=self.ideal.path_average(goal["step"]),
+                            ideal_steps=self.ideal.at(goal["step"]))
+                self._noise_due.remove(index)
+
+    def finish(self, status: str, reason: str) -> None:
+        self._noise_at_goals(final=True)
+        self.record["status"], self.record["summary"]["reason"] = status, reason
+        self.save()
+
+    def save_now_and_then(self) -> None:
+        """Rewrite the partial record at most every log.checkpoint_seconds, so a killed job leaves one."""
+        if time.perf_counter() - self._last_save > self.config.log.checkpoint_seconds:
+            self.save()
 
     def fail(self, exc: BaseException) -> None:
         """Record an exception, so the sweep goes on and the analysis sees the failure."""
-        self.record["status"] = records.FAILED
-        self.record["summary"].update(error=f"{type(exc).__name__}: {exc}", reason="exception")
-        self.save()
+        self.record["summary"].update(error=f"{type(exc).__name__}: {exc}")
+        self.finish(records.FAILED, "exception")
 
-    def _evaluated_crossings(self, value: float, step: int) -> list[float]:
-        """Crossings of a metric evaluated at logged steps only: interpolated in log-step between
-        the previous evaluation and this one."""
-        crossed = []
-        for goal in self.record["goals"]:
-            if goal["reached"] or value > goal["threshold"]:
-                crossed.append(-1.0)
-                continue
-            crossed.append(float(step))
-            if self._last_eval is not None and step > 0:
-                prev_step, prev_value = self._last_eval
-                if prev_step > 0 and prev_value != value:
-                    frac = (prev_value - goal["threshold"]) / (prev_value - value)
-                    crossed[-1] = math.exp(math.log(prev_step) + frac * (math.log(step) - math.log(prev_step)))
-        self._last_eval = (step, value)
-        return crossed
+    def state_dict(self) -> dict:
+        return {"record": self.record, "noise": self.noise.state_dict(), "ideal": self.ideal.state_dict(),
+                "initial_loss": self.initial_loss, "noise_due": list(self._noise_due)}
 
-    def _goal_entry(self, crossed_step: float, step: int, now: float) -> dict:
-        """What a goal records at its first crossing: step and examples (fractional: the smoothed
-        estimate), the wall time interpolated along the curve, and the noise scale there."""
-        wall = float(np.interp(crossed_step, self.curve.get("step", []) + [step],
-                               self.curve.get("wall_time", []) + [now]))
-        return {"reached": True, "step": crossed_step, "examples": crossed_step * self.config.batch_size,
-                "wall_time": wall, **{k: v for k, v in self.noise.state().items() if k != "updates"}}
+    def load_state_dict(self, state: dict) -> None:
+        self.record = state["record"]
+        self.curve = self.record["curve"]
+        self.noise.load_state_dict(state["noise"])
+        self.ideal.load_state_dict(state["ideal"])
+        self.initial_loss, self._noise_due = state["initial_loss"], list(state["noise_due"])
+
+
+def stop_reason(book: RunBook, step: int, now: float) -> tuple[str, str] | None:
+    """(status, reason) when the run is over at this logged step, else None: diverged, every goal
+    reached, or the budget spent."""
+    config, train_loss = book.config, book.curve["train_loss"][-1] if book.curve.get("train_loss") else math.nan
+    if step > 0 and not math.isfinite(train_loss):
+        return records.DIVERGED, f"smoothed training loss is {train_loss}"
+    if step > 0 and train_loss > config.divergence.loss_ratio * book.initial_loss:
+        return records.DIVERGED, (f"smoothed training loss {train_loss:.4g} exceeds "
+                                  f"{config.divergence.loss_ratio} x the initial {book.initial_loss:.4g}")
+    if all(goal["reached"] for goal in book.record["goals"]):
+        return records.COMPLETED, "every goal reached"
+    if step >= book.max_steps:
+        return records.BUDGET_EXHAUSTED, f"step budget of {book.max_steps} steps spent"
+    if config.budget.max_seconds is not None and now >= config.budget.max_seconds:
+        return records.BUDGET_EXHAUSTED, f"time budget of {config.budget.max_seconds} s spent"
+    return None
 
 
 class NoiseMeasurements:
-    """Squared-norm pairs kept on the device as they are measured and handed to each run's
-    NoiseScale at the logged steps, in order: the hot loop never waits for the GPU."""
+    """When to measure the noise scale, and the squared-norm pairs measured, kept on the device
+    and handed to each run's book at the logged steps, in order: the hot loop never waits for the
+    GPU. A measurement is due every `every` steps, and more often while the estimate's window
+    (noise_scale.relative_window x the step count, at least min_window steps) would otherwise hold
+    fewer than MIN_PER_WINDOW measurements: early in a run, where the window is short."""
 
-    def __init__(self, small_batch: int, big_batch: int):
-        self.small_batch, self.big_batch = small_batch, big_batch
+    MIN_PER_WINDOW = 8
+
+    def __init__(self, small_batch: int, big_batch: int, every: int, relative_window: float, min_window: float):
+        self.small_batch, self.big_batch, self.every = small_batch, big_batch, every
+        self.relative_window, self.min_window = relative_window, min_window
+        self.last_step: int | None = None
         self._pending: list[torch.Tensor] = []
+        self._steps: list[int] = []
 
-    def add(self, small_sq_norm: torch.Tensor, big_sq_norm: torch.Tensor) -> None:
+    def due(self, step: int) -> bool:
+        if self.last_step is None:
+            return True
+        window = max(self.relative_window * step, self.min_window)
+        interval = min(self.every, max(1, int(window / self.MIN_PER_WINDOW)))
+        return step - self.last_step >= interval
+
+    def add(self, small_sq_norm: torch.Tensor, big_sq_norm: torch.Tensor, step: int) -> None:
         self._pending.append(torch.stack([small_sq_norm.reshape(-1), big_sq_norm.reshape(-1)]))
+        self._steps.append(step)
+        self.last_step = step
 
-    def flush(self, monitors: list[RunMonitor]) -> None:
+    def flush(self, books: list[RunBook]) -> None:
         if not self._pending:
             return
-        for small, big in torch.stack(self._pending).tolist():  # [measurements][2][members]
-            for monitor, s, b in zip(monitors, small, big):
-                monitor.noise.update(s, b, self.small_batch, self.big_batch)
+        for step, (small, big) in zip(self._steps, torch.stack(self._pending).tolist()):  # [n][2][members]
+            gap = step - self._flushed_step if self._flushed_step is not None else 1
+            for book, s, b in zip(books, small, big):
+                book.add_noise(s, b, self.small_batch, self.big_batch, step, gap)
+            self._flushed_step = step
         self._pending.clear()
+        self._steps.clear()
+
+    _flushed_step: int | None = None
 
     def keep(self, members: torch.Tensor) -> None:
         self._pending = [p[:, members] for p in self._pending]
+
+    def state_dict(self) -> dict:
+        assert not self._pending, "flush before saving"
+        return {"last_step": self.last_step, "flushed_step": self._flushed_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step, self._flushed_step = state["last_step"], state["flushed_step"]

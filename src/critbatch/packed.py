@@ -5,8 +5,8 @@ in their learning rate share everything else — the initial parameters (same se
 stream (same seed) — so they can run as one model whose parameters carry a leading member
 dimension: torch.func.vmap over the members turns M small kernels into one batched kernel.
 
-Each member is judged exactly as its plain twin (critbatch.train) is, through the same
-RunMonitor: the same batches in the same order, the same smoothing and goal crossings. Members
+PackedStep is the step object of critbatch.train's one loop: each member is judged exactly as its
+plain twin is, the same batches in the same order, the same smoothing and goal crossings. Members
 that finish or diverge leave the pack at the next logged step and stop costing compute.
 The k micro-batch gradients that the noise scale needs come from one more vmap (over the
 micro-batches), so a measuring step costs about what a plain step does.
@@ -14,29 +14,24 @@ On a CUDA device the step (and the measuring step) is captured once in a CUDA gr
 (critbatch.cuda_graphs): the vmapped step's many small kernels then cost one launch.
 
 Not for models with BatchNorm (running statistics are updated in place, which vmap cannot do per
-member): such models raise NotPackable, and their runs go through the plain loop.
+member): `packable` says so from the architecture before any data is loaded, and their runs train
+one by one.
 """
 from __future__ import annotations
 
 import copy
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from critbatch.config import ConfigError, RunConfig
-from critbatch.cuda_graphs import TrainSteps, use_cuda_graphs
-from critbatch.monitor import (GoalCrossings, NoiseMeasurements, RunMonitor, SmoothedMetrics, log_steps,
-                               smoothed_goal_index)
+from critbatch.cuda_graphs import TrainSteps
 from critbatch.tasks import Task
-from critbatch.train import (BatchSampler, has_batchnorm, initial_mean_loss, next_batch, noise_micro_batches,
-                             pick_device)
 
 
 class NotPackable(ConfigError):
-    """The model cannot train packed (BatchNorm); train its runs with critbatch.train instead."""
+    """The model cannot train packed (BatchNorm); train its runs one by one instead."""
 
 
 def pack_key(config: RunConfig) -> str:
@@ -129,115 +124,63 @@ class PackedOptimizer:
         self.state = {name: {k: v[members] for k, v in s.items()} for name, s in self.state.items()}
 
 
-class PackedSteps(TrainSteps):
-    """The pack's step: per-member gradients (with the noise-scale norms when measuring), then the
-    update; replayed from CUDA graphs when `graphs` is on. Call reset() when members leave."""
+class PackedStep(TrainSteps):
+    """The pack's training step: per-member gradients (with the noise-scale norms when measuring),
+    then the update; replayed from CUDA graphs when `graphs` is on. The same interface as the
+    plain loop's PlainStep: returns (metrics, norms), per-member tensors of shape [M]."""
 
-    def __init__(self, packed: PackedModel, optimizer: PackedOptimizer, micro_batches: int, graphs: bool):
-        self.packed, self.optimizer = packed, optimizer
+    def __init__(self, configs: list[RunConfig], task: Task, device, micro_batches: int, graphs: bool):
+        rng = torch.get_rng_state()  # every member starts where its plain twin starts
+        models = []
+        for _ in configs:
+            torch.set_rng_state(rng)
+            models.append(task.make_model().to(device).train())
+        self.packed = PackedModel(task, models)
+        self.scratch = models[0]  # a module to evaluate one member at a time
+        self.members = len(configs)
+        self.optimizer = PackedOptimizer(self.packed.params, configs[0].optimizer,
+                                         torch.tensor([c.optimizer.lr for c in configs], device=device))
+        self.noise_measurement = None if micro_batches == 1 else "vmap over micro-batches"
+        self._loaded: int | None = None
         super().__init__(micro_batches, graphs)
 
     def _step(self, x, y, micro_batches):
         grads, metrics, norms = self.packed.gradients(x, y, micro_batches)
         self.optimizer.step(self.packed.params, grads)
+        self._loaded = None
         return metrics, norms
 
+    def measure(self, x, y, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise-scale norms on this batch, without an update."""
+        return self.packed.gradients(x, y, micro_batches)[2]
 
-def train_packed(configs: list[RunConfig | dict], out_dirs: list[str | Path | None]) -> list[dict]:
-    """Train runs that differ only in lr as one packed model; return their records (as `train`)."""
-    configs = [RunConfig.from_dict(c) if isinstance(c, dict) else c for c in configs]
+    def module(self, member: int) -> nn.Module:
+        """A module holding one member's current parameters (for evaluation)."""
+        if self._loaded != member:
+            self.scratch.load_state_dict(self.packed.member_state(member))
+            self._loaded = member
+        return self.scratch
+
+    def keep(self, members: torch.Tensor) -> None:
+        self.packed.keep(members)
+        self.optimizer.keep(members)
+        self._loaded = None
+
+
+def packable(config: RunConfig | dict) -> bool:
+    """Whether this run's model can train packed; decided from the architecture alone (built on
+    the meta device), before any data is loaded: models with BatchNorm cannot (vmap cannot update
+    running statistics per member in place)."""
+    from critbatch.train import has_batchnorm
+
+    config = RunConfig.from_dict(config) if isinstance(config, dict) else config
+    with torch.device("meta"):
+        return not has_batchnorm(config.build_task().make_model())
+
+
+def check_packable(configs: list[RunConfig]) -> None:
     if len({pack_key(c) for c in configs}) != 1:
-        raise ConfigError("train_packed: the runs of a pack may differ only in optimizer.lr")
-    task = configs[0].validate()
-    monitors = [RunMonitor(c, d) for c, d in zip(configs, out_dirs)]
-    try:
-        _packed_loop(configs[0], task, monitors, [c.optimizer.lr for c in configs])
-    except Exception as exc:
-        for monitor in monitors:
-            if not monitor.finished:
-                monitor.fail(exc)
-        raise
-    return [m.record for m in monitors]
-
-
-def _packed_loop(config: RunConfig, task: Task, monitors: list[RunMonitor], lrs: list[float]) -> None:
-    setup_start = time.perf_counter()
-    device = pick_device(config.device)
-    graphs = use_cuda_graphs(config.cuda_graphs, device, config.batch_size)
-    B, M = config.batch_size, len(monitors)
-    # The same seeding as the plain loop, so every member starts where its twin starts.
-    torch.manual_seed(config.seed)
-    task.load(device)
-    rng = torch.get_rng_state()
-    models = []
-    for _ in range(M):
-        torch.set_rng_state(rng)
-        models.append(task.make_model().to(device).train())
-    if has_batchnorm(models[0]):
-        raise NotPackable(f"task {task.name!r}: models with BatchNorm cannot be packed; set packing.enabled=false")
-    packed = PackedModel(task, models)
-    evaluation_model = models[0]  # a scratch module to evaluate one member at a time
-    optimizer = PackedOptimizer(packed.params, config.optimizer, torch.tensor(lrs, device=device))
-    data_generator = torch.Generator(device=device).manual_seed(config.seed)
-    sampler = None if task.dataset_size is None else BatchSampler(task.dataset_size, B, config.sampling,
-                                                                   data_generator, device)
-
-    smoothed = SmoothedMetrics(task.batch_metrics, M, B, config.smoothing.relative_window,
-                               config.smoothing.min_examples, device)
-    goal_index = smoothed_goal_index(config.goals.metric, task.batch_metrics)
-    goals = None if goal_index is None else GoalCrossings(config.goals.thresholds, goal_index, M, device)
-    k = noise_micro_batches(B, config.noise_scale.micro_batches) if config.noise_scale.enabled else 1
-    noise = NoiseMeasurements(B // k, B)
-    initial_loss = initial_mean_loss(models[0], task, B, config.smoothing.min_examples, config.seed, device)
-    for monitor in monitors:
-        monitor.started(initial_loss, device=str(device), setup_seconds=time.perf_counter() - setup_start,
-                        noise_micro_batches=k, noise_measurement=None if k == 1 else "vmap over micro-batches",
-                        path="packed", packed_members=M, cuda_graphs=graphs)
-    train_step = PackedSteps(packed, optimizer, k, graphs)
-
-    alive = list(monitors)
-    start = time.perf_counter()
-    schedule = log_steps(config.log.relative_interval)
-    next_log, step = 0, 0
-    while True:
-        if step == next_log or step >= monitors[0].max_steps:
-            noise.flush(alive)
-            now = time.perf_counter() - start
-            crossed = (goals.crossed_at.tolist() if goals is not None
-                       else [[-1.0] * len(config.goals.thresholds)] * len(alive))
-            failure = train_step.failure
-            for i, (monitor, metrics) in enumerate(zip(alive, smoothed.member_dicts())):
-                evaluated = {}
-                if task.eval_metrics:
-                    evaluation_model.load_state_dict(packed.member_state(i))
-                    evaluated = task.evaluate(evaluation_model)
-                if failure:
-                    monitor.record["summary"].update(cuda_graphs=False, cuda_graph_failure=failure)
-                monitor.log(step, now, metrics, evaluated, crossed[i])
-            keep = [i for i, m in enumerate(alive) if not m.finished]
-            if not keep:
-                return
-            if len(keep) < len(alive):  # finished and diverged members leave the pack
-                members = torch.tensor(keep, device=device)
-                packed.keep(members)
-                optimizer.keep(members)
-                smoothed.keep(members)
-                if goals is not None:
-                    goals.keep(members)
-                alive = [alive[i] for i in keep]
-                train_step.reset()
-            while next_log <= step:
-                next_log = next(schedule)
-
-        x, y = next_batch(task, sampler, B, data_generator)
-        measure = k > 1 and step % config.noise_scale.every == 0
-        metrics, norms = train_step(x, y, measure)
-        if measure:
-            noise.add(*norms)
-        smoothed.update(metrics, step)
-        if goals is not None:
-            goals.update(smoothed)
-        step += 1
-        if config.budget.max_seconds is not None and step % 64 == 0 \
-                and time.perf_counter() - start >= config.budget.max_seconds:
-            next_log = step
+        raise ConfigError("the runs of a pack may differ only in optimizer.lr")
+    if not packable(configs[0]):
+        raise NotPackable(f"task {configs[0].task['name']!r}: models with BatchNorm cannot be packed; "
+                          "set packing.enabled=false")

@@ -17,7 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+# 2: goals say whether they were censored (met before the first valid measurement) and carry the
+# noise estimate's standard errors and its path average; the summary carries B_simple at
+# initialisation. Version-1 records are not read: rerun the sweep.
+SCHEMA_VERSION = 2
 RECORD_FILE = "record.json"
 RUNS_DIR = "runs"
 
@@ -56,6 +59,19 @@ def run_name(config: dict) -> str:
 
 def run_dir(sweep_dir: str | os.PathLike, config: dict) -> Path:
     return Path(sweep_dir) / RUNS_DIR / run_name(config)
+
+
+def new_record(config: dict) -> dict:
+    """The record of a run that starts now (status running): the one place its layout is made.
+    `config` is the run's complete settings (RunConfig.to_dict())."""
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id(config), "run_name": run_name(config),
+        "status": RUNNING, "config": config,
+        "goals": [{"metric": config["goals"]["metric"], "threshold": t, "reached": False, "censored": False}
+                  for t in config["goals"]["thresholds"]],
+        "summary": {"steps": 0, "examples": 0, "wall_time": 0.0, "reason": None, "error": None},
+        "curve": {},
+    }
 
 
 def _json_safe(value: Any) -> Any:
@@ -157,6 +173,13 @@ def _num(value) -> float:
     return math.nan if value is None else float(value)
 
 
+#: per-goal values of the noise scale at the crossing (docs/records.md)
+GOAL_NOISE_COLUMNS = ("b_simple", "b_simple_se", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
+                      "trace_sigma_se", "noise_cov", "noise_updates", "b_simple_path")
+#: per-run values of the noise scale at initialisation, from the summary
+INIT_NOISE_COLUMNS = ("b_simple_init", "b_simple_init_se", "grad_sq_norm_init", "trace_sigma_init")
+
+
 def load_sweep(sweep_dir: str | os.PathLike):
     """All finished runs under `sweep_dir` as one row per (run, goal); see docs/records.md."""
     import pandas as pd
@@ -166,20 +189,23 @@ def load_sweep(sweep_dir: str | os.PathLike):
     for path, record in finished:
         settings = _settings(record, path)
         summary = record["summary"]
+        init = {k: _num(summary.get(k)) for k in INIT_NOISE_COLUMNS}
         for goal in record["goals"]:
             reached = bool(goal.get("reached"))
+            resolved = reached and not goal.get("censored", False)
             rows.append({
                 **settings,
                 "goal_metric": goal["metric"], "goal_threshold": float(goal["threshold"]),
                 "goal": f"{goal['metric']}<={goal['threshold']:g}", "reached": reached,
-                "steps": _num(goal.get("step")) if reached else math.nan,
-                **{k: _num(goal.get(k)) if reached else math.nan
-                   for k in ("examples", "wall_time", "b_simple", "grad_sq_norm", "trace_sigma")},
+                "censored": bool(goal.get("censored", False)),
+                "steps": _num(goal.get("step")) if resolved else math.nan,
+                **{k: _num(goal.get(k)) if resolved else math.nan for k in ("examples", "wall_time") + GOAL_NOISE_COLUMNS},
+                **init,
                 "total_steps": summary.get("steps"), "total_examples": summary.get("examples"),
             })
     columns = ["run_id", "run_name", "run_dir", "task", "optimizer", "batch_size", "lr", "seed",
-               "status", "goal_metric", "goal_threshold", "goal", "reached", "steps", "examples",
-               "wall_time", "b_simple", "grad_sq_norm", "trace_sigma", "total_steps", "total_examples"]
+               "status", "goal_metric", "goal_threshold", "goal", "reached", "censored", "steps", "examples",
+               "wall_time", *GOAL_NOISE_COLUMNS, *INIT_NOISE_COLUMNS, "total_steps", "total_examples"]
     frame = pd.DataFrame(rows, columns=columns)
     frame.attrs["problems"] = problems
     return frame

@@ -1,14 +1,15 @@
-"""Train one (task, optimizer, batch size, lr, seed) until its goals are met, and record it.
+"""Train runs to their goals and record them: `train(config)` for one run, `train_pack(configs)`
+for runs that differ only in their learning rate, trained as one packed model (critbatch.packed).
 
-Reads top to bottom: set up, then one loop. Every step draws a batch (i.i.d. with replacement by
-default, as the theory assumes), computes the full-batch gradient, and every `noise_scale.every`
-steps also the k micro-batch gradients' squared norms that the B_simple estimator needs — from the
-same pass (critbatch.micro_grads), or from k passes of B/k for layers it has no rule for.
-Goals are judged on training metrics smoothed by an EMA whose window grows with the step count
-(a fixed fraction of it), and whose centre of mass is tracked, so the step at which a goal is
-crossed is known to a few percent whatever the batch size.
-At geometrically spaced steps the loop logs a curve point, checks divergence and the budget, and
-now and then rewrites the partial record, so a killed job leaves a record marked "running".
+One loop does both: a plain run is a pack of one. It reads top to bottom in `Training.run`: every
+step draws a batch (i.i.d. with replacement by default, as the theory assumes), and the step
+object (PlainStep here, PackedStep in critbatch.packed) computes the full-batch gradient and
+updates; every `noise_scale.every` steps it also returns the squared norms of k micro-batch
+gradients that the B_simple estimator needs. Goals are judged on metrics smoothed by an EMA whose
+window grows with the step count (critbatch.monitor), so the step at which a goal is crossed is
+known to a few percent whatever the batch size. At geometrically spaced steps the loop logs a
+curve point and asks stop_reason whether the run is over; each run's RunBook rewrites its record
+now and then, so a killed job leaves a record marked "running".
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ from torch import nn
 
 from critbatch.config import ConfigError, RunConfig
 from critbatch.cuda_graphs import TrainSteps, use_cuda_graphs
-from critbatch.gns import micro_batch_sq_norms
+from critbatch.gns import NoiseScale, micro_batch_sq_norms
 from critbatch.micro_grads import MicroBatchNorms
-from critbatch.monitor import (GoalCrossings, NoiseMeasurements, RunMonitor, SmoothedMetrics, log_steps,
-                               smoothed_goal_index)
+from critbatch.monitor import GoalCrossings, NoiseMeasurements, RunBook, SmoothedMetrics, log_steps, stop_reason
 from critbatch.tasks import Task
+
+INIT_MAX_BATCHES = 200   # B_simple at initialisation: at most this many measuring batches
 
 
 def pick_device(name: str) -> torch.device:
@@ -66,11 +68,21 @@ class BatchSampler:
         return batch
 
 
-def next_batch(task: Task, sampler: BatchSampler | None, batch_size: int, generator: torch.Generator):
-    if sampler is None:
-        return task.sample(batch_size, generator)
-    index = sampler.next()
-    return task.inputs.index_select(0, index), task.targets.index_select(0, index)
+class Batches:
+    """The batches of a run: drawn from the task's dataset by a BatchSampler, or fresh samples
+    from a streaming task; from their own seeded random stream."""
+
+    def __init__(self, task: Task, batch_size: int, mode: str, seed: int, device):
+        self.task, self.batch_size = task, batch_size
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.sampler = (None if task.dataset_size is None
+                        else BatchSampler(task.dataset_size, batch_size, mode, self.generator, device))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sampler is None:
+            return self.task.sample(self.batch_size, self.generator)
+        index = self.sampler.next()
+        return self.task.inputs.index_select(0, index), self.task.targets.index_select(0, index)
 
 
 def noise_micro_batches(batch_size: int, wanted: int) -> int:
@@ -79,27 +91,6 @@ def noise_micro_batches(batch_size: int, wanted: int) -> int:
         if batch_size % k == 0:
             return k
     return 1
-
-
-@torch.no_grad()
-def initial_mean_loss(model: nn.Module, task: Task, batch_size: int, min_examples: int, seed: int,
-                      device) -> float:
-    """Loss of the initial model over at least min_examples examples: the reference that divergence
-    is judged against. (The first batch alone will not do at small B: at B=1 one example's loss can
-    be ~0, and a healthy run would then look diverged.) Uses its own random stream, so the training
-    batches are unchanged, and restores the model's buffers (batch-norm statistics)."""
-    generator = torch.Generator(device=device).manual_seed(seed + 7_919)
-    sampler = None if task.dataset_size is None else BatchSampler(task.dataset_size, batch_size,
-                                                                   "with_replacement", generator, device)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    batches = max(1, math.ceil(min_examples / batch_size))
-    total = 0.0
-    for _ in range(batches):
-        x, y = next_batch(task, sampler, batch_size, generator)
-        total += float(task.loss(model(x), y))
-    for name, b in model.named_buffers():
-        b.copy_(buffers[name])
-    return total / batches
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -117,10 +108,12 @@ class StepResult:
 
 def compute_gradients(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor,
                       micro_batches: int = 1, norms: MicroBatchNorms | None = None) -> StepResult:
-    """Set p.grad to the full-batch gradient of the mean loss; with k > 1 micro-batches, also
-    return the squared norms that the noise-scale estimator needs. With `norms` (a supported
+    """Set p.grad to the batch's gradient of the mean loss; with k > 1 micro-batches, also return
+    the squared norms that the noise-scale estimator needs. With `norms` (a supported
     MicroBatchNorms of this model) they come from the same single pass; else from k passes of
-    B/k examples, whose mean gradient is again exactly the full-batch gradient."""
+    B/k examples, and p.grad is the mean of the k micro-batch gradients: exactly the full-batch
+    gradient for a model whose examples do not interact, and for one with BatchNorm the gradient
+    of data-parallel training, each micro-batch normalised with its own statistics."""
     if micro_batches <= 1 or norms is not None:
         with norms.recording() if micro_batches > 1 else contextlib.nullcontext():
             output = model(x)
@@ -145,90 +138,245 @@ def compute_gradients(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Te
     return StepResult(loss, task.metrics(torch.cat(outputs), y, loss), small, big)
 
 
-class PlainSteps(TrainSteps):
-    """The plain loop's step: gradients (with the noise-scale norms when measuring), then the
-    optimizer's update; replayed from CUDA graphs when `graphs` is on."""
+class PlainStep(TrainSteps):
+    """One model's training step (a pack of one): gradients, with the noise-scale norms when
+    measuring, then the optimizer's update; replayed from CUDA graphs when `graphs` is on.
+    Returns (metrics, norms): per-member tensors of shape [1], norms None on plain steps."""
 
-    def __init__(self, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, micro_batches: int,
-                 norms: MicroBatchNorms | None, graphs: bool):
-        self.model, self.task, self.optimizer, self.norms = model, task, optimizer, norms
+    def __init__(self, config: RunConfig, task: Task, device, micro_batches: int, graphs: bool):
+        self.model = task.make_model().to(device).train()
+        self.task, self.members = task, 1
+        self.optimizer = make_optimizer(self.model.parameters(), config.optimizer, capturable=graphs)
+        norms = MicroBatchNorms(self.model)  # measuring steps in one pass where the model's layers allow
+        self.norms = norms if norms.supported else None
+        self.noise_measurement = None if micro_batches == 1 else "one pass" if self.norms else f"{micro_batches} passes"
         super().__init__(micro_batches, graphs)
 
-    def _step(self, x, y, micro_batches) -> StepResult:
+    def _step(self, x, y, micro_batches):
         self.optimizer.zero_grad(set_to_none=True)
         result = compute_gradients(self.model, self.task, x, y, micro_batches, self.norms)
         self.optimizer.step()
-        return result
+        norms = None if micro_batches == 1 else (result.small_sq_norm.reshape(1), result.big_sq_norm.reshape(1))
+        return {name: value.reshape(1) for name, value in result.metrics.items()}, norms
+
+    def measure(self, x, y, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise-scale norms on this batch, without an update."""
+        self.optimizer.zero_grad(set_to_none=True)
+        result = compute_gradients(self.model, self.task, x, y, micro_batches, self.norms)
+        self.optimizer.zero_grad(set_to_none=True)
+        return result.small_sq_norm.reshape(1), result.big_sq_norm.reshape(1)
+
+    def module(self, member: int) -> nn.Module:
+        return self.model
+
+    def keep(self, members: torch.Tensor) -> None:
+        """A pack of one never shrinks: it ends with its run."""
+
+
+@torch.no_grad()
+def initial_mean_loss(step, batches: Batches, min_examples: int) -> float:
+    """Loss of the initial model over at least min_examples examples: the reference that divergence
+    is judged against. (The first batch alone will not do at small B: at B=1 one example's loss can
+    be ~0, and a healthy run would then look diverged.)"""
+    model = step.module(0)
+    count = max(1, math.ceil(min_examples / batches.batch_size))
+    return sum(float(batches.task.loss(model(x), y)) for x, y in (batches.next() for _ in range(count))) / count
+
+
+def initial_noise_scale(step, task: Task, config: RunConfig, device, micro_batches: int) -> dict:
+    """B_simple of the initial parameters (the paper's "start" column), measured before training on
+    batches of max(B, init_batch_size) examples (at most the dataset), until its standard error
+    is below noise_scale.init_precision of it or INIT_MAX_BATCHES batches are spent."""
+    ns = config.noise_scale
+    size = max(config.batch_size, ns.init_batch_size)
+    if task.dataset_size is not None:
+        size = min(size, task.dataset_size)
+    k = micro_batches
+    size -= size % k
+    batches = Batches(task, size, "with_replacement", config.seed + 104_729, device)
+    noise = NoiseScale()  # a plain mean: the parameters do not move
+    for draw in range(INIT_MAX_BATCHES):
+        small, big = step.measure(*batches.next(), k)
+        noise.update(float(small[0]), float(big[0]), size // k, size)
+        if draw >= 7 and noise.resolved and noise.b_simple_se < ns.init_precision * noise.b_simple:
+            break
+    return {"b_simple_init": noise.b_simple, "b_simple_init_se": noise.b_simple_se,
+            "grad_sq_norm_init": noise.grad_sq_norm, "trace_sigma_init": noise.trace_sigma,
+            "noise_init_batches": noise.updates, "noise_init_batch_size": size}
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module, device: torch.device):
+    """Measurements before training leave no trace: the random streams (dropout) and the buffers
+    (BatchNorm statistics) are as they were."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
+class Training:
+    """The runs of one pack (one run, or runs that differ only in lr) from set-up to their records."""
+
+    def __init__(self, configs: list[RunConfig], task: Task, books: list[RunBook], packed: bool):
+        setup_start = time.perf_counter()
+        config = self.config = configs[0]
+        self.task, self.books = task, list(books)
+        self.device = device = pick_device(config.device)
+        B, ns, smoothing = config.batch_size, config.noise_scale, config.smoothing
+        graphs = use_cuda_graphs(config.cuda_graphs, device, B)
+        torch.manual_seed(config.seed)
+        task.load(device)
+        self.k = noise_micro_batches(B, ns.micro_batches) if ns.enabled else 1
+        if packed:
+            from critbatch.packed import PackedStep
+            self.step_fn = PackedStep(configs, task, device, self.k, graphs)
+        else:
+            self.step_fn = PlainStep(config, task, device, self.k, graphs)
+        self.batches = Batches(task, B, config.sampling, config.seed, device)
+        members = len(configs)
+        self.smoothed = SmoothedMetrics(task.batch_metrics, members, B, smoothing.relative_window,
+                                        smoothing.min_examples, device)
+        self.evaluated = SmoothedMetrics(task.eval_metrics, members, B, smoothing.relative_window,
+                                         smoothing.min_examples, device)
+        metric = config.goals.metric
+        self.goal_source = self.evaluated if metric in task.eval_metrics else self.smoothed
+        self.goal_index = self.goal_source.names.index(metric.removeprefix("train_") if metric.startswith("train_")
+                                                       and self.goal_source is self.smoothed else metric)
+        self.goals = GoalCrossings(config.goals.thresholds, members, device)
+        self.noise = NoiseMeasurements(B // self.k, B, ns.every, ns.relative_window, smoothing.min_examples / B)
+        with untouched(self.step_fn.module(0), device):
+            initial_loss = initial_mean_loss(self.step_fn, Batches(task, B, "with_replacement", config.seed + 7_919,
+                                                                   device), smoothing.min_examples)
+            initial_noise = initial_noise_scale(self.step_fn, task, config, device, self.k) if self.k > 1 else {}
+        for book in self.books:
+            book.started(initial_loss, initial_noise, device=str(device), path="packed" if packed else "plain",
+                         packed_members=members, noise_micro_batches=self.k, cuda_graphs=graphs,
+                         noise_measurement=self.step_fn.noise_measurement,
+                         setup_seconds=time.perf_counter() - setup_start)
+        self.step = 0
+        self.last_evaluation: int | None = None   # the step of the latest evaluation
+        self.last_scheduled: int | None = None    # ... and of the latest one on the evaluation schedule
+        self.latest_evaluation: list[dict] = [{} for _ in configs]
+        self.log_schedule = log_steps(config.log.relative_interval)
+        self.eval_schedule = log_steps(smoothing.eval_relative_interval) if self.goal_source is self.evaluated else None
+        self.next_log, self.next_eval = 0, 0 if self.eval_schedule is not None else -1
+        self.elapsed = 0.0  # seconds of training so far
+
+    def run(self) -> None:
+        config, start = self.config, time.perf_counter() - self.elapsed
+        while True:
+            # ---- evaluated metrics (a goal's, densely; the curve's, at logged steps) ----
+            if self.step in (self.next_eval, self.next_log):
+                self.evaluate()
+            # ---- at geometrically spaced steps: curve point, goals, stop or go on ----
+            if self.step == self.next_log or self.step >= self.books[0].max_steps:
+                self.elapsed = time.perf_counter() - start
+                if not self.log():
+                    return
+            # ---- one training step ----
+            x, y = self.batches.next()
+            measure = self.k > 1 and self.noise.due(self.step)
+            metrics, norms = self.step_fn(x, y, measure)
+            if measure:
+                self.noise.add(*norms, self.step)
+            self.smoothed.update(metrics, self.step)
+            if self.goal_source is self.smoothed and self.smoothed.ready:
+                self.goals.update(self.smoothed.values[:, self.goal_index], self.smoothed.center_step)
+            self.step += 1
+            if config.budget.max_seconds is not None and self.step % 64 == 0 \
+                    and time.perf_counter() - start >= config.budget.max_seconds:
+                self.next_log = self.step  # log and stop at the top of the loop
+
+    def evaluate(self) -> None:
+        """Evaluate every member's eval metrics at this step. On the steps of the evaluation
+        schedule (when a goal is evaluated) they are smoothed and the goals judged on them; at
+        other logged steps they are only recorded, so the logging interval never moves a goal."""
+        if not self.task.eval_metrics or self.last_evaluation == self.step:
+            return
+        values = [self.task.evaluate(self.step_fn.module(i)) for i in range(len(self.books))]
+        self.latest_evaluation, self.last_evaluation = values, self.step
+        if self.step != self.next_eval:
+            return
+        gap = self.step - self.last_scheduled if self.last_scheduled is not None else 1
+        self.evaluated.update({name: torch.tensor([v[name] for v in values]) for name in self.task.eval_metrics},
+                              self.step, gap)
+        self.last_scheduled = self.step
+        if self.evaluated.ready:
+            self.goals.update(self.evaluated.values[:, self.goal_index], self.evaluated.center_step)
+        while self.next_eval <= self.step:
+            self.next_eval = next(self.eval_schedule)
+
+    def log(self) -> bool:
+        """A curve point for every member; finished members leave the pack. False when none is left."""
+        step, now = self.step, self.elapsed
+        self.noise.flush(self.books)
+        crossed = self.goals.crossed_at.tolist()
+        evaluated = self.latest_evaluation
+        smoothed_eval = self.evaluated.member_dicts("smoothed_") if self.goal_source is self.evaluated \
+            else [{}] * len(self.books)
+        for i, (book, metrics) in enumerate(zip(self.books, self.smoothed.member_dicts("train_"))):
+            if step == 0:
+                metrics = {key: math.nan for key in metrics}
+            if self.step_fn.failure:
+                book.record["summary"].update(cuda_graphs=False, cuda_graph_failure=self.step_fn.failure)
+            book.log(step, now, {**metrics, **evaluated[i], **smoothed_eval[i]}, crossed[i])
+            outcome = stop_reason(book, step, now)
+            if outcome is not None:
+                book.finish(*outcome)
+            else:
+                book.save_now_and_then()
+        keep = [i for i, book in enumerate(self.books) if not book.finished]
+        if len(keep) < len(self.books) and keep:  # finished and diverged members leave the pack
+            members = torch.tensor(keep, device=self.device)
+            for part in (self.step_fn, self.smoothed, self.evaluated, self.goals, self.noise):
+                part.keep(members)
+            self.books = [self.books[i] for i in keep]
+            self.latest_evaluation = [self.latest_evaluation[i] for i in keep]
+            self.step_fn.reset()
+        while self.next_log <= step:
+            self.next_log = next(self.log_schedule)
+        return bool(keep)
+
+
+def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None], packed: bool | None = None) -> list[dict]:
+    """Train runs that differ at most in their learning rate together and return their records
+    (each also written to out_dir/record.json). One run trains as a plain model; several as one
+    packed model (critbatch.packed), unless `packed=False` (then they must be one run)."""
+    configs = [RunConfig.from_dict(c) if isinstance(c, dict) else c for c in configs]
+    packed = len(configs) > 1 if packed is None else packed
+    if len(configs) > 1 and not packed:
+        raise ConfigError("train_pack: several runs train together only packed (packed=True)")
+    if packed:
+        from critbatch.packed import check_packable
+        check_packable(configs)
+    task = configs[0].validate()
+    books = [RunBook(c, d) for c, d in zip(configs, out_dirs)]
+    try:
+        Training(configs, task, books, packed).run()
+    except Exception as exc:
+        for book in books:
+            if not book.finished:
+                book.fail(exc)
+        raise
+    return [book.record for book in books]
 
 
 def train(config: RunConfig | dict, out_dir: str | Path | None = None) -> dict:
-    """Run one configuration to its goals and return its record (also written to out_dir/record.json)."""
-    if isinstance(config, dict):
-        config = RunConfig.from_dict(config)
-    task = config.validate()
-    monitor = RunMonitor(config, out_dir)
-    try:
-        _train_loop(config, task, monitor)
-    except Exception as exc:
-        monitor.fail(exc)
-        raise
-    return monitor.record
+    """Run one configuration to its goals and return its record (also written to out_dir/record.json).
 
+    Args:
+        config: a RunConfig, or the nested dict of its settings (defaults fill the rest).
+        out_dir: where record.json goes (None: nowhere).
 
-def _train_loop(config: RunConfig, task: Task, monitor: RunMonitor) -> None:
-    setup_start = time.perf_counter()
-    device = pick_device(config.device)
-    graphs = use_cuda_graphs(config.cuda_graphs, device, config.batch_size)
-    B = config.batch_size
-    torch.manual_seed(config.seed)
-    task.load(device)
-    model = task.make_model().to(device)
-    model.train()
-    optimizer = make_optimizer(model.parameters(), config.optimizer, capturable=graphs)
-    data_generator = torch.Generator(device=device).manual_seed(config.seed)
-    sampler = None if task.dataset_size is None else BatchSampler(task.dataset_size, B, config.sampling,
-                                                                   data_generator, device)
-    smoothed = SmoothedMetrics(task.batch_metrics, 1, B, config.smoothing.relative_window,
-                               config.smoothing.min_examples, device)
-    goal_index = smoothed_goal_index(config.goals.metric, task.batch_metrics)
-    goals = None if goal_index is None else GoalCrossings(config.goals.thresholds, goal_index, 1, device)
-    k = noise_micro_batches(B, config.noise_scale.micro_batches) if config.noise_scale.enabled else 1
-    noise = NoiseMeasurements(B // k, B)
-    norms = MicroBatchNorms(model)  # measuring steps in one pass where the model's layers allow
-    norms = norms if norms.supported else None
-    monitor.started(initial_mean_loss(model, task, B, config.smoothing.min_examples, config.seed, device),
-                    device=str(device), setup_seconds=time.perf_counter() - setup_start,
-                    noise_micro_batches=k, noise_measurement=None if k == 1 else "one pass" if norms else f"{k} passes",
-                    path="plain", cuda_graphs=graphs)
+    Returns:
+        The record (docs/records.md): status, per-goal steps and noise scale, curve, summary.
 
-    train_step = PlainSteps(model, task, optimizer, k, norms, graphs)
-
-    start = time.perf_counter()
-    schedule = log_steps(config.log.relative_interval)
-    next_log, step = 0, 0  # log the initial state (step 0) before training
-    while True:
-        # ---- at geometrically spaced steps: curve point, goals, divergence, budget, checkpoint ----
-        if step == next_log or step >= monitor.max_steps:
-            noise.flush([monitor])
-            crossed = goals.crossed_at[0].tolist() if goals is not None else [-1.0] * len(config.goals.thresholds)
-            evaluated = task.evaluate(model) if task.eval_metrics else {}
-            if train_step.failure:
-                monitor.record["summary"].update(cuda_graphs=False, cuda_graph_failure=train_step.failure)
-            if monitor.log(step, time.perf_counter() - start, smoothed.member_dicts()[0], evaluated, crossed):
-                return
-            while next_log <= step:
-                next_log = next(schedule)
-
-        # ---- one training step ----
-        x, y = next_batch(task, sampler, B, data_generator)
-        measure = k > 1 and step % config.noise_scale.every == 0
-        result = train_step(x, y, measure)
-        if measure:
-            noise.add(result.small_sq_norm, result.big_sq_norm)
-        smoothed.update(result.metrics, step)
-        if goals is not None:
-            goals.update(smoothed)
-        step += 1
-        if config.budget.max_seconds is not None and step % 64 == 0 \
-                and time.perf_counter() - start >= config.budget.max_seconds:
-            next_log = step  # log and stop at the top of the loop
+    >>> record = train({"task": {"name": "digits", "hidden": 32}, "batch_size": 64, "device": "cpu",
+    ...                 "goals": {"metric": "train_error", "thresholds": [0.5, 0.2]}})
+    >>> record["status"], [goal["reached"] for goal in record["goals"]]
+    ('completed', [True, True])
+    """
+    return train_pack([config], [out_dir], packed=False)[0]

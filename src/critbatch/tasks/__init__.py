@@ -78,9 +78,16 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """Cross-entropy loss and training error (fraction misclassified) from the same forward pass."""
+    """Cross-entropy loss and training error (fraction misclassified) from the same forward pass,
+    and their clean counterparts: the model in eval mode (no dropout; BatchNorm on its running
+    statistics) on a fixed subset of CLEAN_EXAMPLES training examples. A goal on the batch metric
+    of a model with dropout or BatchNorm judges a noisier, biased model; `clean_train_error` is
+    the training error of the model itself, as the paper's goals mean it."""
 
     batch_metrics = ("loss", "error")
+    eval_metrics = ("clean_train_loss", "clean_train_error")
+    CLEAN_EXAMPLES = 2048
+    _clean: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def loss(self, output, target):
         return F.cross_entropy(output, target)
@@ -94,6 +101,26 @@ class ClassificationTask(Task):
         return self.train_size
 
     train_size: int = 0
+
+    def clean_subset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same CLEAN_EXAMPLES training examples (a fixed random subset) at every evaluation."""
+        if self._clean is None or self._clean[0].device != self.inputs.device:
+            order = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(0))
+            index = order[:self.CLEAN_EXAMPLES].to(self.inputs.device)
+            self._clean = (self.inputs.index_select(0, index), self.targets.index_select(0, index))
+        return self._clean
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        x, y = self.clean_subset()
+        training = model.training
+        model.eval()
+        try:
+            output = model(x)
+        finally:
+            model.train(training)
+        return {"clean_train_loss": float(self.loss(output, y)),
+                "clean_train_error": float((output.argmax(dim=1) != y).float().mean())}
 
 
 TASKS: dict[str, type[Task]] = {}
