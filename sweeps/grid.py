@@ -39,11 +39,18 @@ def lr_grid(batch_size: int, lr: dict) -> list[float]:
     centred on eps*/(1 + B*/B)^alpha."""
     values = lr.get("values")
     if values is not None:
+        field = "sweep.lr.values"
         if isinstance(values, dict):  # per batch size: {B: [lr, ...]}
+            field = f"sweep.lr.values[{batch_size}]"
             values = values.get(batch_size, values.get(str(batch_size)))
             if values is None:
                 raise SweepError(f"sweep.lr.values has no entry for batch size {batch_size}; "
                                  f"give one per batch size or a single list")
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{field}={values!r} must be a non-empty list of learning rates "
+                             "(an empty grid runs nothing)")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise SweepError(f"{field}={values!r} must be a list of numbers")
         return [float(v) for v in values]
     centre = lr.get("centre")
     if centre is None:
@@ -68,6 +75,10 @@ def expand(cfg: dict) -> list[Run]:
     if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batch_sizes):
         raise SweepError(f"sweep.batch_sizes={batch_sizes!r} must be a non-empty list of integers > 0")
     seeds = sweep.get("seeds", [cfg.get("seed", 0)])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           and s >= 0 for s in seeds):
+        raise SweepError(f"sweep.seeds={seeds!r} must be a non-empty list of integers >= 0")
+    check_goals(cfg.get("goals"))
     task = dict(cfg["task"])
     runs, seen = [], set()
     for batch_size in sorted(set(batch_sizes)):
@@ -86,6 +97,69 @@ def expand(cfg: dict) -> list[Run]:
                     seen.add(rid)
                     runs.append(Run(run_name(plain), rid, plain))
     return runs
+
+
+def goal_range(metric: str) -> tuple[float, float | None] | None:
+    """The open interval in which a goal `metric <= threshold` can be met, but not before training
+    starts, judged from the metric's name: an error rate lies in [0, 1], so a threshold must lie
+    in (0, 1); a loss is >= 0, so a threshold must be > 0 (linreg's exact_loss has a noise floor
+    above 0, which is not checked here). None: a metric of unknown range."""
+    if metric.endswith("error"):
+        return 0.0, 1.0
+    if metric.endswith("loss"):
+        return 0.0, None
+    return None
+
+
+def check_goals(goals) -> None:
+    """Goals that can never be met, or are met before the first step, are errors."""
+    if not isinstance(goals, dict):
+        return  # RunConfig names what is wrong
+    metric, thresholds = goals.get("metric"), goals.get("thresholds")
+    if not isinstance(metric, str) or not isinstance(thresholds, list):
+        return
+    bounds = goal_range(metric)
+    if bounds is None:
+        return
+    low, high = bounds
+    for t in thresholds:
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+            return  # RunConfig names what is wrong
+        if t <= low:
+            raise SweepError(f"goals.thresholds={thresholds!r}: the goal {metric} <= {t:g} can never be met "
+                             f"({metric} is never below {low:g}); each threshold must be > {low:g}")
+        if high is not None and t >= high:
+            raise SweepError(f"goals.thresholds={thresholds!r}: the goal {metric} <= {t:g} is met before "
+                             f"training starts ({metric} is at most {high:g}); each threshold must lie in "
+                             f"({low:g}, {high:g})")
+
+
+def _overridden(overrides, key: str) -> str | None:
+    """The value that a command-line override (key=v, +key=v, ++key=v) gave `key`, or None."""
+    found = None
+    for override in overrides or ():
+        name, eq, value = override.partition("=")
+        if eq and name.lstrip("+") == key:
+            found = value
+    return found
+
+
+def check_overrides(cfg: dict, overrides) -> None:
+    """Settings given on the command line that the sweep overrides would be silently ignored:
+    refuse them, naming the key that decides. `overrides`: Hydra's task overrides, as typed."""
+    sweep = cfg.get("sweep") or {}
+    seed = _overridden(overrides, "seed")
+    if seed is not None and "seeds" in sweep and sweep["seeds"] != [cfg.get("seed")]:
+        raise SweepError(f"seed={seed} is overridden by sweep.seeds={sweep['seeds']!r}: a sweep runs every seed "
+                         f"of sweep.seeds; use sweep.seeds=[{seed}] (or a list of seeds) instead")
+    lr = _overridden(overrides, "optimizer.lr")
+    if lr is not None:
+        raise SweepError(f"optimizer.lr={lr} is overridden by the sweep's lr grid (sweep.lr): every run "
+                         f"takes its lr from the grid; use 'sweep.lr.values=[{lr}]' instead")
+    batch_size = _overridden(overrides, "batch_size")
+    if batch_size is not None:
+        raise SweepError(f"batch_size={batch_size} is not read by a sweep: the batch sizes come from "
+                         f"sweep.batch_sizes; use 'sweep.batch_sizes=[{batch_size}]' instead")
 
 
 def check_data(runs: list[Run]) -> None:

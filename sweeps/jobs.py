@@ -3,6 +3,12 @@
 Runs in the worker (a SLURM array task, a local subprocess, or in-process). It skips runs whose
 records are already complete, so a relaunch or a requeued job never recomputes them, and it turns
 SIGTERM (scancel, preemption, the time limit) into a "failed" record instead of a silent gap.
+
+Each run has one owner (sweeps/lease.py): a job trains a run only after claiming its lease, skips
+runs that another live launch or job owns ("running elsewhere"), writes the record only while it
+still owns the run (the lease's `holds()` guards RunBook.save), and lets go when the run is over:
+the lease is removed when the record is final, and marked failed when it is not (a write failed,
+the job was stopped), so that sweeps.status says failed and a relaunch takes the run over at once.
 """
 from __future__ import annotations
 
@@ -15,6 +21,10 @@ from critbatch import records
 from critbatch.config import ConfigError, RunConfig
 from critbatch.packed import pack_key, packable
 from critbatch.train import train_pack
+from sweeps.lease import Lease, read_lease
+
+RUNNING_ELSEWHERE = "running elsewhere"
+LOST = "taken over by another job"  # this job stalled past the lease's staleness; the taker trains it
 
 
 class JobKilled(Exception):
@@ -53,16 +63,90 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
     return [(chunk, packed and len(chunk) > 1) for chunk, packed in chunks]
 
 
-def _train_pack(sweep_dir: str, pack: list[dict], packed: bool) -> list[dict]:
-    return train_pack(pack, [records.run_dir(sweep_dir, c) for c in pack], packed=packed)
+def _train_pack(sweep_dir: str, pack: list[dict], packed: bool, guard=None) -> list[dict]:
+    return train_pack(pack, [records.run_dir(sweep_dir, c) for c in pack], packed=packed, guard=guard)
+
+
+def _failed(name: str, error: str, tb: str | None = None) -> dict:
+    summary = {"run": name, "status": records.FAILED, "skipped": False, "error": error}
+    if tb:
+        summary["traceback"] = tb
+    return summary
+
+
+def _finished_on_disk(run_dir) -> bool:
+    try:
+        return records.read_record(run_dir / records.RECORD_FILE)["status"] in records.FINISHED_STATUSES
+    except records.RecordError:
+        return False
+
+
+def _claim(sweep_dir: str, pack: list[dict], owned: list[dict], held: list[Lease]) -> list[dict]:
+    """Claim the runs of `pack`: those this job now owns go to `owned` (their leases to `held`);
+    returns summaries of the others."""
+    others = []
+    for config in pack:
+        run_dir = records.run_dir(sweep_dir, config)
+        try:
+            lease = Lease.acquire(run_dir)
+        except OSError as exc:  # e.g. the disk is full: the run cannot even be claimed
+            others.append(_failed(run_dir.name, f"cannot write the run's lease: {type(exc).__name__}: {exc}"))
+            continue
+        if lease is None:
+            info = read_lease(run_dir)
+            others.append({"run": run_dir.name, "status": RUNNING_ELSEWHERE, "skipped": True,
+                           "owner": info.owner if info else None})
+        elif records.is_complete(run_dir / records.RECORD_FILE):  # finished by its last owner meanwhile
+            lease.log("skip-complete")
+            lease.release()
+            others.append({"run": run_dir.name, "status": "skipped (complete)", "skipped": True})
+        else:
+            held.append(lease)
+            owned.append(config)
+    return others
+
+
+def _run_pack(sweep_dir: str, pack: list[dict], packed: bool) -> list[dict]:
+    owned, held, summaries = [], [], []
+    error = "the job ended before the run's record was final"
+    try:
+        summaries += _claim(sweep_dir, pack, owned, held)
+        if not owned:
+            return summaries
+        for lease in held:
+            lease.log("train")
+        for record in _train_pack(sweep_dir, owned, packed and len(owned) > 1,
+                                  guard=lambda: all(lease.holds() for lease in held)):
+            summaries.append({"run": record["run_name"], "status": record["status"], "skipped": False,
+                              "path": record["summary"].get("path")})
+    except JobKilled as exc:
+        error = str(exc)
+        raise
+    except records.NotOwner as exc:  # another job took a run over: it is its record now
+        summaries += [{"run": records.run_dir(sweep_dir, c).name, "status": LOST, "skipped": False,
+                       "error": str(exc)} for c in owned]
+        error = f"NotOwner: {exc}"
+    except Exception as exc:  # recorded as failed by train() where the disk allowed; keep going
+        error = f"{type(exc).__name__}: {exc}"
+        summaries += [_failed(records.run_dir(sweep_dir, c).name, error, traceback.format_exc(limit=5))
+                      for c in owned]
+    finally:
+        for config, lease in zip(owned, held):
+            if _finished_on_disk(records.run_dir(sweep_dir, config)):
+                lease.release()
+            else:
+                lease.mark_failed(error)
+    return summaries
 
 
 def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
               packing: dict | None = None) -> list[dict]:
-    """Train each config under sweep_dir/runs/<run_name>/ unless its record is complete.
+    """Train each config under sweep_dir/runs/<run_name>/ unless its record is complete or
+    another live launch or job owns it.
 
-    Returns one summary per run: name, status and whether it was skipped. A run (or pack) that
-    raises is recorded as failed and the group goes on with the next one; a kill ends the group.
+    Returns one summary per run: name, status ("running elsewhere" for a run owned elsewhere) and
+    whether it was skipped. A run (or pack) that raises is recorded as failed and the group goes
+    on with the next one; a kill ends the group.
     """
     import torch
 
@@ -79,16 +163,7 @@ def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
             todo.append(config)
     try:
         for pack, packed in packs(todo, packing):
-            try:
-                for record in _train_pack(sweep_dir, pack, packed):
-                    summaries.append({"run": record["run_name"], "status": record["status"], "skipped": False,
-                                      "path": record["summary"].get("path")})
-            except JobKilled:
-                raise
-            except Exception as exc:  # already recorded as failed by train(); keep going
-                summaries += [{"run": records.run_dir(sweep_dir, c).name, "status": records.FAILED,
-                               "skipped": False, "error": f"{type(exc).__name__}: {exc}",
-                               "traceback": traceback.format_exc(limit=5)} for c in pack]
+            summaries += _run_pack(sweep_dir, pack, packed)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return summaries

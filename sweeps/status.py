@@ -1,73 +1,66 @@
 """`python -m sweeps.status SWEEP_DIR`: how far a sweep has got: done / running / failed / pending.
 
-Reads only the files in the sweep directory (the manifest of planned runs and the records), so it
-works the same for a local sweep and for a detached SLURM array.
+Reads only the files in the sweep directory (the manifest of planned runs, the records and the
+runs' leases), so it works the same for a local sweep and for a detached SLURM array.
+
+A run whose record says "running" is running while its owner's lease is live (its heartbeat is
+fresh: sweeps/lease.py), however long its steps take; "failed" when its owner marked the lease
+failed (the job ended without a final record, e.g. the disk was full); "stale" when there is no
+live owner (the job died without a word: SIGKILL, a lost node). Relaunching reruns failed and
+stale runs, and unreadable ones (a record that does not match its schema).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 from critbatch import records
+from sweeps.lease import FAILED as LEASE_FAILED, STALE_SECONDS, read_lease
 
-# A "running" record not rewritten for this long, or whose process on this machine is gone, is
-# reported as stale: its job died without a chance to record it (SIGKILL, node failure).
-# Relaunching reruns it.
-STALE_SECONDS = 600
+UNREADABLE, STALE, PENDING = "unreadable", "stale", "pending"
 
 
-def _died_here(record: dict) -> bool:
-    """A running record whose process, on this very machine, no longer exists."""
-    summary = record["summary"]
-    if summary.get("host") != socket.gethostname() or not summary.get("pid"):
-        return False
+def run_state(run_dir: Path, stale_seconds: float = STALE_SECONDS) -> str:
+    """One run's state: a record status, or running / stale / pending / unreadable."""
+    path = run_dir / records.RECORD_FILE
+    lease = read_lease(run_dir, stale_seconds)
+    if not path.exists():
+        if lease is not None and lease.state == LEASE_FAILED:
+            return records.FAILED  # not even its first record could be written
+        return records.RUNNING if lease is not None and lease.live else PENDING
     try:
-        os.kill(summary["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+        status = records.read_record(path)["status"]
+    except records.RecordError:
+        return UNREADABLE
+    if lease is not None and lease.live and status in (records.RUNNING, records.FAILED):
+        return records.RUNNING  # owned and (re)training: its record is about to be rewritten
+    if status == records.RUNNING:
+        return records.FAILED if lease is not None and lease.state == LEASE_FAILED else STALE
+    return status
 
 
 def sweep_status(sweep_dir: str | Path, stale_seconds: float = STALE_SECONDS) -> dict:
     sweep_dir = Path(sweep_dir)
-    manifest_path = sweep_dir / "sweep.json"
+    manifest_path = sweep_dir / records.SWEEP_FILE
     if not manifest_path.exists():
         raise FileNotFoundError(f"{sweep_dir} has no sweep.json: not a sweep directory made by sweeps.launch")
     planned = [run["name"] for run in json.loads(manifest_path.read_text())["runs"]]
-    runs = {}
-    now = time.time()
-    for name in planned:
-        path = sweep_dir / records.RUNS_DIR / name / records.RECORD_FILE
-        if not path.exists():
-            runs[name] = "pending"
-            continue
-        try:
-            record = records.read_record(path)
-        except records.RecordError:
-            runs[name] = "unreadable"
-            continue
-        status = record["status"]
-        if status == records.RUNNING and (now - path.stat().st_mtime > stale_seconds or _died_here(record)):
-            status = "stale"
-        runs[name] = status
+    runs = {name: run_state(sweep_dir / records.RUNS_DIR / name, stale_seconds) for name in planned}
     return {"sweep_dir": str(sweep_dir), "runs": runs, "counts": Counter(runs.values())}
 
 
 def format_status(status: dict) -> str:
     counts = status["counts"]
-    done = sum(counts[s] for s in (records.COMPLETED, records.DIVERGED, records.BUDGET_EXHAUSTED))
+    done = sum(counts[s] for s in (records.COMPLETED, records.DIVERGED, records.STALLED, records.BUDGET_EXHAUSTED))
     lines = [f"{status['sweep_dir']}: {len(status['runs'])} runs: {done} done "
              f"({counts[records.COMPLETED]} completed, {counts[records.DIVERGED]} diverged, "
+             f"{counts[records.STALLED]} stalled, "
              f"{counts[records.BUDGET_EXHAUSTED]} budget exhausted), {counts[records.RUNNING]} running, "
-             f"{counts[records.FAILED]} failed, {counts['stale']} stale, {counts['pending']} pending"]
+             f"{counts[records.FAILED]} failed, {counts['stale']} stale, {counts['pending']} pending"
+             + (f", {counts[UNREADABLE]} unreadable" if counts[UNREADABLE] else "")]
     lines += [f"  {state:10s} {name}" for name, state in status["runs"].items()
               if state in (records.FAILED, "stale", "unreadable")]
     return "\n".join(lines)
@@ -76,7 +69,8 @@ def format_status(status: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweeps.status", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir")
-    parser.add_argument("--stale-seconds", type=float, default=STALE_SECONDS)
+    parser.add_argument("--stale-seconds", type=float, default=STALE_SECONDS,
+                        help="a run's owner is gone when its lease's heartbeat is older than this")
     parser.add_argument("--json", action="store_true", help="print the per-run states as JSON")
     args = parser.parse_args(argv)
     try:

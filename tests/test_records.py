@@ -228,3 +228,133 @@ def test_moving_the_data_does_not_change_a_runs_identity():
     moved = {**config, "task": {"name": "mnist", "data_dir": "/b"}}
     other = {**config, "task": {"name": "mnist", "data_dir": "/a", "dropout": 0.1}}
     assert records.run_id(config) == records.run_id(moved) != records.run_id(other)
+
+
+# ---------------------------------------------------------------------------------------------
+# records are checked against their schema on read (issue #12, part 3)
+# ---------------------------------------------------------------------------------------------
+
+def _corrupt(record: dict, change: str) -> str:
+    """The text of `record` with one kind of corruption, and the field the error must name."""
+    if change == "goals_not_a_list":
+        record["goals"] = "oops"
+    elif change == "string_batch_size":
+        record["config"]["batch_size"] = "64"
+    elif change == "missing_key":
+        del record["summary"]
+    elif change == "missing_goal_key":
+        del record["goals"][0]["threshold"]
+    elif change == "curve_column_not_a_list":
+        record["curve"]["train_loss"] = 1.5
+    elif change == "curve_columns_of_unequal_length":
+        record["curve"]["b_simple"] = [1.0]
+    elif change == "string_threshold":
+        record["goals"][0]["threshold"] = "0.5"
+    elif change == "reached_not_bool":
+        record["goals"][0]["reached"] = "yes"
+    elif change == "string_step":
+        record["goals"][0]["step"] = "12"
+    elif change == "lr_not_a_number":
+        record["config"]["optimizer"]["lr"] = None
+    elif change == "task_name_missing":
+        record["config"]["task"] = {"hidden": 32}
+    elif change == "run_id_not_a_string":
+        record["run_id"] = 12
+    elif change == "summary_not_a_dict":
+        record["summary"] = [1, 2]
+    elif change == "bool_seed":
+        record["config"]["seed"] = True
+    text = json.dumps(record)
+    if change == "truncated_json":
+        text = text[: len(text) - 40]
+    return text
+
+
+CORRUPTIONS = {  # kind of corruption -> the field the error names
+    "goals_not_a_list": "goals", "string_batch_size": "config.batch_size", "missing_key": "summary",
+    "missing_goal_key": "goals[0].threshold", "curve_column_not_a_list": "curve.train_loss",
+    "curve_columns_of_unequal_length": "curve.b_simple", "string_threshold": "goals[0].threshold",
+    "reached_not_bool": "goals[0].reached", "string_step": "goals[0].step",
+    "lr_not_a_number": "config.optimizer.lr", "task_name_missing": "config.task.name",
+    "run_id_not_a_string": "run_id", "summary_not_a_dict": "summary", "bool_seed": "config.seed",
+    "truncated_json": "unreadable",
+}
+
+
+@pytest.mark.parametrize("change", list(CORRUPTIONS))
+def test_corrupt_record_names_file_and_field_and_is_not_used(tmp_path, change):
+    import re
+    import warnings
+
+    good = tmp_path / records.RUNS_DIR / "good" / records.RECORD_FILE
+    records.write_record(good, minimal_record())
+    path = tmp_path / records.RUNS_DIR / "bad" / records.RECORD_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(_corrupt(minimal_record(), change))
+    with pytest.raises(records.RecordError) as raised:
+        records.read_record(path)
+    message = str(raised.value)
+    assert str(path) in message and re.search(rf"(^|\W){re.escape(CORRUPTIONS[change])}(\W|$)", message), message
+    assert not records.is_complete(path)  # a relaunch reruns it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = records.load_sweep(tmp_path)  # the analysis goes on with the rest
+        curves = records.load_curves(tmp_path)
+    assert set(frame["run_dir"]) == {str(good.parent)} and set(curves["run_dir"]) == {str(good.parent)}
+    assert [p["path"] for p in frame.attrs["problems"]] == [str(path)]
+    assert CORRUPTIONS[change] in frame.attrs["problems"][0]["problem"]
+
+
+def test_a_valid_record_of_every_kind_reads(tmp_path, sweep):
+    """Real records (trained), the synthetic ones of the analysis and the minimal one all validate."""
+    from analysis.synthetic import Truth, make_record
+
+    root, completed, diverged, _, _ = sweep
+    for record in (completed, diverged, minimal_record(), make_record(Truth(), 64, 0.1, 0),
+                   make_record(Truth(), 64, 100.0, 0)):
+        records.write_record(tmp_path / records.RECORD_FILE, record)
+        records.read_record(tmp_path / records.RECORD_FILE)
+
+
+def test_a_partial_record_is_checked_for_its_layout_only(tmp_path):
+    """A running record is never analysed and always rerun: only its top-level layout must hold."""
+    path = tmp_path / records.RECORD_FILE
+    records.write_record(path, {"schema_version": records.SCHEMA_VERSION, "run_id": "x", "status": "running",
+                                "config": {}, "goals": [], "summary": {}, "curve": {"blob": "abc"}})
+    assert records.read_record(path)["status"] == records.RUNNING
+    records.write_record(path, {**minimal_record(status="running"), "goals": "oops"})
+    with pytest.raises(records.RecordError, match="goals"):
+        records.read_record(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# one sweep definition per directory (issue #12, part 4)
+# ---------------------------------------------------------------------------------------------
+
+def test_sweep_variant_ignores_the_grid_axes_only():
+    base = plain_config()
+    variant = records.sweep_variant(base)
+    assert records.sweep_variant(plain_config(batch_size=64, seed=3,
+                                              optimizer={"name": "sgd", "lr": 0.7})) == variant
+    assert records.sweep_variant({**base, "task": {**base["task"], "data_dir": "/elsewhere"}}) == variant
+    for other in (plain_config(budget={"max_steps": 500}), plain_config(task={"name": "digits", "hidden": 64}),
+                  plain_config(optimizer={"name": "momentum", "lr": 0.1}),
+                  plain_config(goals={"metric": "train_error", "thresholds": [0.5, 0.1]})):
+        assert records.sweep_variant(other) != variant
+
+
+def test_load_sweep_counts_only_the_current_variant(tmp_path):
+    """A directory that holds records of two variants (allowed explicitly) never double-counts:
+    the analysis reads the variant sweep.json names, and names the others as problems."""
+    current, other = plain_config(), plain_config(budget={"max_steps": 50})
+    for config in (current, other):
+        record = {**minimal_record(), "config": config, "run_id": records.run_id(config),
+                  "run_name": records.run_name(config)}
+        records.write_record(records.run_dir(tmp_path, config) / records.RECORD_FILE, record)
+    records.write_record(tmp_path / "sweep.json", {"variant": records.sweep_variant(current), "runs": []})
+    with pytest.warns(UserWarning, match="variant"):
+        frame = records.load_sweep(tmp_path)
+    assert set(frame["run_id"]) == {records.run_id(current)}
+    assert [p["path"] for p in frame.attrs["problems"]] == [str(records.run_dir(tmp_path, other) / records.RECORD_FILE)]
+    (tmp_path / "sweep.json").unlink()  # no manifest: every record counts, as before
+    assert records.load_sweep(tmp_path)["run_id"].nunique() == 2

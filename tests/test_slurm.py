@@ -9,13 +9,15 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 
 from critbatch import records
 from sweeps.status import sweep_status
-from tests.test_sweeps import SMALL, launch
+from sweeps import lease as leases
+from tests.test_sweeps import REPO, SMALL, launch, launch_here
 
 pytestmark = pytest.mark.slurm
 
@@ -72,11 +74,13 @@ def test_slurm_sweep_completes_and_records_load(tmp_path):
 def test_cancelled_job_is_recorded_as_failed_and_relaunch_completes_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # One slow run (B=8, an unreachable goal, 30k steps) that we cancel while it trains.
-    slow = ["sweep.batch_sizes=[8]", "sweep.lr.count=1", "goals.metric=train_loss", "goals.thresholds=[0.0]",
+    slow = ["sweep.batch_sizes=[8]", "sweep.lr.count=1", "sweep.seeds=[0]", "goals.metric=train_loss",
+            "goals.thresholds=[1e-9]",
             "budget.max_steps=30000", "log.checkpoint_seconds=0.2", "launcher.threads=1", "launcher.wait=false"]
     submitted = launch(*slow, *SLURM, f"hydra.sweep.dir={sweep_dir}", timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     assert "python -m sweeps.status" in submitted.stdout
+    assert "started" in submitted.stderr  # the launch saw its job start (or said why it pends)
     job_id = json.loads((sweep_dir / "jobs.json").read_text())[0]["job_ids"][0]
 
     record_path = wait_for(lambda: next(sweep_dir.rglob(records.RECORD_FILE), None), 120, "the run's first record")
@@ -104,3 +108,59 @@ def test_bad_config_submits_nothing(tmp_path):
     assert "nothing was submitted" in result.stderr
     assert not (tmp_path / "sweep" / ".submitit").exists()
     assert sacct_job_count() == before
+
+
+def test_three_concurrent_slurm_launches_train_each_run_once(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "sweeps.launch", *SMALL, *SLURM, f"hydra.sweep.dir={sweep_dir}"]
+    launches = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(3)]
+    outputs = [launch.communicate(timeout=600) for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0, 0], [err for _, err in outputs]
+    jobs = json.loads((sweep_dir / "jobs.json").read_text())
+    assert 1 <= len(jobs) <= 3  # no entry lost to a concurrent writer of jobs.json
+    history = {run.name: leases.history(run) for run in (sweep_dir / records.RUNS_DIR).iterdir()}
+    assert len(history) == 4
+    assert all(sum(e["event"] == "train" for e in events) == 1 for events in history.values()), history
+    # the owners were SLURM array tasks of these launches
+    tasks = {task for entry in jobs for task in entry["job_ids"]}
+    assert {e["owner"] for events in history.values() for e in events if e["event"] == "train"} <= tasks
+    frame = records.load_sweep(sweep_dir)
+    assert frame["run_id"].nunique() == 4 and frame.attrs["problems"] == []
+    assert list(sweep_dir.rglob(leases.LEASE_FILE)) == []
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["launcher.partition=nope"], ["launcher.partition='nope'", "debug"]),
+    (["launcher.cpus_per_task=64"], ["launcher.cpus_per_task=64"]),
+    (["launcher.mem_gb=1000"], ["launcher.mem_gb=1000"]),
+    (["launcher.gpus_per_node=1"], ["launcher.gpus_per_node=1"]),
+    (["+launcher.additional_parameters.frobnicate=1"], ["launcher.additional_parameters.frobnicate"]),
+])
+def test_cluster_settings_are_checked_before_anything_is_queued(tmp_path, overrides, words):
+    from critbatch.config import ConfigError
+
+    before = sacct_job_count()
+    with pytest.raises(ConfigError) as raised:
+        launch_here(tmp_path / "sweep", *SMALL, *SLURM, *overrides)
+    for word in words:
+        assert word in str(raised.value)
+    assert not (tmp_path / "sweep").exists()
+    assert sacct_job_count() == before
+
+
+def test_jobs_that_can_never_run_are_cancelled_and_the_launch_fails(tmp_path):
+    """Two nodes asked of a one-node partition: sbatch queues it, SLURM never starts it
+    (PartitionConfig or PartitionNodeLimit). The launch says so, cancels the array and exits
+    non-zero, without waiting (launcher.wait=false) as with it."""
+    sweep_dir = tmp_path / "sweep"
+    result = launch(*SMALL, *SLURM, "launcher.wait=false", "+launcher.additional_parameters.nodes=2",
+                    f"hydra.sweep.dir={sweep_dir}", timeout=120)
+    assert result.returncode == 1, result.stderr
+    reason = "PartitionConfig" if "PartitionConfig" in result.stderr else "PartitionNodeLimit"
+    assert reason in result.stderr and "cancelled" in result.stderr and "can never run" in result.stderr
+    entry = json.loads((sweep_dir / "jobs.json").read_text())[-1]
+    assert reason in entry["cancelled"]
+    array = entry["job_ids"][0].split("_")[0]
+    queued = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout
+    assert queued.strip() == ""

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from sweeps.status import sweep_status
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A sweep of the digits task small enough for a test: 2 batch sizes x 2 lrs, easy goals.
-SMALL = ["sweep.batch_sizes=[16,64]", "sweep.lr.count=2", "goals.thresholds=[0.3,0.2]",
+# A sweep of the digits task small enough for a test: 2 batch sizes x 2 lrs x 1 seed, easy goals.
+SMALL = ["sweep.batch_sizes=[16,64]", "sweep.lr.count=2", "sweep.seeds=[0]", "goals.thresholds=[0.3,0.2]",
          "budget.max_steps=400", "launcher.threads=1"]
 
 
@@ -123,28 +124,37 @@ def test_submitit_local_launcher_runs_jobs_as_subprocesses(tmp_path):
     assert len(pids) == 2 and os.getpid() not in pids
 
 
-def test_relaunch_reruns_failed_and_partial_runs(tmp_path):
+def test_relaunch_reruns_failed_partial_and_corrupt_runs(tmp_path):
+    from sweeps import lease as leases
+
     sweep_dir = tmp_path / "sweep"
     assert launch(*SMALL, f"hydra.sweep.dir={sweep_dir}").returncode == 0
     paths = sorted(sweep_dir.rglob(records.RECORD_FILE))
-    partial, failed = paths[0], paths[1]
+    partial, failed, corrupt = paths[0], paths[1], paths[2]
     for path, status in ((partial, records.RUNNING), (failed, records.FAILED)):
         record = json.loads(path.read_text())
         record["status"] = status
         records.write_record(path, record)
+    record = json.loads(corrupt.read_text())
+    record["goals"] = "oops"  # a finished record that does not match its schema
+    records.write_record(corrupt, record)
     counts = sweep_status(sweep_dir)["counts"]
-    # The partial record's process (the finished launch) is gone: stale, not running.
+    # The partial record has no live owner (no lease with a fresh heartbeat): stale, not running.
     assert counts[records.FAILED] == 1 and counts["stale"] == 1 and counts[records.RUNNING] == 0
-    record = json.loads(partial.read_text())
-    record["summary"]["pid"] = os.getpid()  # a live process on this machine: still running
-    records.write_record(partial, record)
+    assert counts["unreadable"] == 1
+    owner = leases.Lease.acquire(partial.parent)  # a live owner: still running
     assert sweep_status(sweep_dir)["counts"][records.RUNNING] == 1
-    with pytest.warns(UserWarning, match="partial record"):
-        assert records.load_sweep(sweep_dir).attrs["problems"][0]["path"] == str(partial)
+    owner.release()
+    with pytest.warns(UserWarning) as warned:
+        problems = records.load_sweep(sweep_dir).attrs["problems"]
+    assert sorted(p["path"] for p in problems) == sorted([str(partial), str(corrupt)])
+    assert any("partial record" in str(w.message) for w in warned)
+    assert any("goals: expected a list" in str(w.message) for w in warned)
     again = launch(*SMALL, f"hydra.sweep.dir={sweep_dir}")
     assert again.returncode == 0, again.stderr
-    assert "2 already complete, 2 to run" in again.stderr
-    assert {json.loads(p.read_text())["status"] for p in (partial, failed)} <= set(records.FINISHED_STATUSES) - {records.FAILED}
+    assert "1 already complete, 3 to run" in again.stderr
+    assert {json.loads(p.read_text())["status"] for p in (partial, failed, corrupt)} <= \
+        set(records.FINISHED_STATUSES) - {records.FAILED}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -159,6 +169,9 @@ def test_relaunch_reruns_failed_and_partial_runs(tmp_path):
     pytest.param("device=cuda", "device=cuda, but this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ("sampling=epoch_shuffle", "exceeds task 'digits'"),  # B=4096 > 1797 examples without replacement
+    ("seed=7", "sweep.seeds=[7]"),  # a Hydra override that sweep.seeds would silently override
+    ("sweep.lr.values=[]", "sweep.lr.values"),
+    ("goals.thresholds=[0.3,-0.1]", "goals.thresholds"),
 ])
 def test_bad_config_fails_fast_and_creates_nothing(tmp_path, override, message):
     sweep_dir = tmp_path / "sweep"
@@ -181,3 +194,197 @@ def test_status_command(tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "not a sweep directory" in missing.stderr
 
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process launches: every bad input is refused before anything is written or queued
+# ---------------------------------------------------------------------------------------------
+
+def compose(*overrides: str) -> dict:
+    """The composed config of `python -m sweeps.launch OVERRIDES`, as plain containers."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(hydra_compose("config", overrides=list(overrides)), resolve=True)
+
+
+def launch_here(sweep_dir: Path, *overrides: str) -> int:
+    """sweeps.launch in this process; the value NEWLINE stands for a string with a line break
+    (which a Hydra override cannot write)."""
+    from sweeps.launch import launch as launch_sweep
+
+    cfg = compose(*overrides)
+    extra = cfg.get("launcher", {}).get("additional_parameters") or {}
+    for key, value in extra.items():
+        if value == "NEWLINE":
+            extra[key] = "END\n#SBATCH --exclusive"
+    return launch_sweep(cfg, sweep_dir, overrides=list(overrides))
+
+
+# (overrides, the field the message must name); none of these may write or queue anything
+BAD_INPUTS = [
+    # empty grids
+    (["sweep.lr.values=[]"], "sweep.lr.values"),
+    (["sweep.lr.values={16:[0.1],64:[]}"], "sweep.lr.values"),
+    (["sweep.seeds=[]"], "sweep.seeds"),
+    (["sweep.seeds=[0.5]"], "sweep.seeds"),
+    (["sweep.batch_sizes=[]"], "sweep.batch_sizes"),
+    (["sweep.lr.count=0"], "sweep.lr.count"),
+    # goals that can never be met, or are met before training starts
+    (["goals.thresholds=[0.3,-0.1]"], "goals.thresholds"),
+    (["goals.thresholds=[1.5,0.2]"], "goals.thresholds"),
+    (["goals.thresholds=[1.0,0.2]"], "goals.thresholds"),
+    (["goals.thresholds=[0.3,0.0]"], "goals.thresholds"),
+    (["goals.metric=clean_train_error", "goals.thresholds=[2.0]"], "goals.thresholds"),
+    (["goals.metric=train_loss", "goals.thresholds=[0.5,0.0]"], "goals.thresholds"),
+    (["goals.metric=train_loss", "goals.thresholds=[-1.0]"], "goals.thresholds"),
+    (["task=linreg", "sweep=linreg", "goals.thresholds=[1.0,-0.3]"], "goals.thresholds"),
+    # settings that another key overrides
+    (["seed=7"], "sweep.seeds=[7]"),
+    (["optimizer.lr=0.5"], "sweep.lr"),
+    (["+batch_size=64"], "sweep.batch_sizes"),
+    # launcher settings (checked whether or not a cluster answers)
+    (["launcher=slurm", "launcher.timeout_min=0"], "launcher.timeout_min"),
+    (["launcher=slurm", "launcher.timeout_min=1.5"], "launcher.timeout_min"),
+    (["launcher=slurm", "launcher.cpus_per_task=-1"], "launcher.cpus_per_task"),
+    (["launcher=slurm", "launcher.mem_gb=0"], "launcher.mem_gb"),
+    (["launcher=slurm", "launcher.array_parallelism=0"], "launcher.array_parallelism"),
+    (["launcher=slurm", "launcher.gpus_per_node=-1"], "launcher.gpus_per_node"),
+    (["launcher=slurm", "launcher.wait=sometimes"], "launcher.wait"),
+    (["launcher=slurm", "launcher.partition='a b'"], "launcher.partition"),
+    (["launcher=slurm", "+launcher.additional_parameters.comment=NEWLINE"], "launcher.additional_parameters.comment"),
+    (["launcher=slurm", "+launcher.additional_parameters.frobnicate=1"], "launcher.additional_parameters"),
+    (["launcher=slurm", "+launcher.additional_parameters.output=/tmp/x"], "launcher.additional_parameters"),
+    (["launcher=slurm", "+launcher.additional_parameters.time=10"], "launcher.additional_parameters"),
+    (["launcher=submitit_local", "launcher.cpus_per_task=0"], "launcher.cpus_per_task"),
+    (["launcher.threads=0"], "launcher.threads"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, monkeypatch, overrides, field):
+    from critbatch.config import ConfigError
+    from sweeps import launch as launch_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("a bad input got as far as running or queueing jobs")
+
+    monkeypatch.setattr(launch_module, "launch_local", never)
+    monkeypatch.setattr(launch_module, "launch_submitit", never)
+    sweep_dir = tmp_path / "sweep"
+    with pytest.raises(ConfigError) as raised:
+        launch_here(sweep_dir, *SMALL, *overrides)
+    assert field in str(raised.value)
+    assert not sweep_dir.exists()
+
+
+def test_good_inputs_next_to_the_bad_ones_are_accepted():
+    """The checks refuse what is wrong, not what is unusual."""
+    from sweeps.grid import check_overrides
+
+    for overrides in (["seed=7", "sweep.seeds=[7]"], ["sweep.seeds=[3,4]"], ["goals.thresholds=[0.9,0.001]"],
+                      ["goals.metric=train_loss", "goals.thresholds=[2.0,1e-4]"],
+                      ["task=linreg", "sweep=linreg", "goals.metric=exact_loss", "goals.thresholds=[2.0,0.6]"]):
+        cfg = compose(*SMALL, *overrides)
+        runs = expand(cfg)
+        check_overrides(cfg, overrides)
+        assert runs
+
+
+def test_a_sweep_directory_holds_one_sweep_definition(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    assert launch(*SMALL, f"hydra.sweep.dir={sweep_dir}").returncode == 0
+    manifest = (sweep_dir / "sweep.json").read_bytes()
+    assert json.loads(manifest)["variant"] == records.sweep_variant(expand(compose(*SMALL))[0].config)
+    runs = sorted(p.name for p in (sweep_dir / records.RUNS_DIR).iterdir())
+    shorter = [o for o in SMALL if not o.startswith("budget.")] + ["budget.max_steps=300"]
+    refused = launch(*shorter, f"hydra.sweep.dir={sweep_dir}")
+    assert refused.returncode == 2 and "nothing was submitted" in refused.stderr
+    for words in ("budget.max_steps", "400", "300", "hydra.sweep.dir", "+sweep.allow_new_variant=true"):
+        assert words in refused.stderr
+    assert (sweep_dir / "sweep.json").read_bytes() == manifest
+    assert sorted(p.name for p in (sweep_dir / records.RUNS_DIR).iterdir()) == runs
+    with pytest.raises(SweepError, match="task.hidden"):  # any identity-defining setting
+        launch_here(sweep_dir, *SMALL, "task.hidden=64")
+    assert (sweep_dir / "sweep.json").read_bytes() == manifest
+    # Asked for explicitly, the directory takes the new variant; it never counts both.
+    allowed = launch(*shorter, "+sweep.allow_new_variant=true", f"hydra.sweep.dir={sweep_dir}")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "4 already complete, 4 to run" not in allowed.stderr and "0 already complete, 4 to run" in allowed.stderr
+    assert sum(sweep_status(sweep_dir)["counts"].values()) == 4
+    with pytest.warns(UserWarning, match="variant"):
+        frame = records.load_sweep(sweep_dir)
+    assert frame["run_id"].nunique() == 4 and len(frame.attrs["problems"]) == 4
+    assert set(frame["run_id"]) == {r.run_id for r in expand(compose(*shorter))}
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk
+# ---------------------------------------------------------------------------------------------
+
+def test_a_write_error_is_a_failed_run_in_every_summary(tmp_path, monkeypatch):
+    """The record's write fails mid-run (disk full): the run is failed in run_group's summary, in
+    the lease the job leaves and so in sweeps.status, never 'running'."""
+    import errno
+
+    from sweeps import lease as leases
+    from sweeps.jobs import run_group
+    from sweeps.launch import write_manifest
+
+    runs = expand(compose(*SMALL, "sweep.batch_sizes=[16]"))
+    write_manifest(tmp_path, runs, {})
+    real_write, writes = records.write_record, []
+
+    def failing_write(path, record):
+        writes.append(path)
+        if len(writes) > 1:  # the first run's first record is written, nothing after it
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, record)
+
+    monkeypatch.setattr(records, "write_record", failing_write)
+    summaries = run_group(str(tmp_path), [run.config for run in runs])
+    assert [s["status"] for s in summaries] == [records.FAILED, records.FAILED]
+    assert all("No space left" in s["error"] for s in summaries)
+    status = sweep_status(tmp_path)
+    assert status["counts"][records.FAILED] == 2 and status["counts"][records.RUNNING] == 0
+    assert all(leases.read_lease(records.run_dir(tmp_path, run.config)).state == "failed" for run in runs
+               if (records.run_dir(tmp_path, run.config) / leases.LEASE_FILE).exists())
+
+
+def test_a_full_disk_mid_run(tmp_path):
+    """A real full disk (a small tmpfs): the records stay intact, the runs are failed in the
+    launch's summary and in sweeps.status, and the launch fails."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the mocked write error above covers the logic")
+    try:
+        sweep_dir = disk / "sweep"
+        slow = ["sweep.batch_sizes=[16]", "sweep.lr.count=2", "sweep.seeds=[0]", "goals.thresholds=[0.01]",
+                "budget.max_steps=5000",
+                "log.checkpoint_seconds=0.1", "launcher.threads=1"]
+        job = subprocess.Popen([sys.executable, "-m", "sweeps.launch", *slow, f"hydra.sweep.dir={sweep_dir}"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not any(json.loads(p.read_text() or "{}").get("summary", {}).get("steps", 0) > 0
+                      for p in sweep_dir.rglob(records.RECORD_FILE)):
+            assert time.time() < deadline and job.poll() is None, job.stderr.read() if job.poll() is not None else ""
+            time.sleep(0.05)
+        with open(disk / "filler", "wb") as filler:  # fill the disk
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+        out, err = job.communicate(timeout=120)
+        assert job.returncode == 1, err
+        assert "No space left on device" in err
+        assert "0 running" in out and "2 failed" in out
+        status = sweep_status(sweep_dir)
+        assert status["counts"][records.RUNNING] == 0
+        for path in sweep_dir.rglob(records.RECORD_FILE):  # intact: the last good version
+            assert records.read_record(path)["status"] == records.RUNNING and not records.is_complete(path)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

@@ -23,13 +23,15 @@ from typing import Any, Iterator
 SCHEMA_VERSION = 2
 RECORD_FILE = "record.json"
 RUNS_DIR = "runs"
+SWEEP_FILE = "sweep.json"   # a sweep directory's plan, written by sweeps.launch
 
 RUNNING = "running"
 COMPLETED = "completed"
 DIVERGED = "diverged"
+STALLED = "stalled"        # stopped early: neither its loss nor its goal metric improved (monitor.stalled)
 BUDGET_EXHAUSTED = "budget_exhausted"
 FAILED = "failed"
-FINISHED_STATUSES = (COMPLETED, DIVERGED, BUDGET_EXHAUSTED, FAILED)
+FINISHED_STATUSES = (COMPLETED, DIVERGED, STALLED, BUDGET_EXHAUSTED, FAILED)
 STATUSES = (RUNNING, *FINISHED_STATUSES)
 
 # The settings that identify a run: two runs agreeing on these are the same run, so a relaunch
@@ -42,12 +44,40 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def run_id(config: dict) -> str:
-    """A short stable hash of the settings that identify a run (see IDENTITY_KEYS)."""
+def _identity(config: dict) -> dict:
     identity = {key: config.get(key) for key in IDENTITY_KEYS}
     # Where the data lives is not what was run: moving a dataset must not redo complete runs.
     identity["task"] = {k: v for k, v in (identity["task"] or {}).items() if k != "data_dir"}
-    return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:12]
+    return identity
+
+
+def run_id(config: dict) -> str:
+    """A short stable hash of the settings that identify a run (see IDENTITY_KEYS)."""
+    return hashlib.sha256(_canonical(_identity(config)).encode()).hexdigest()[:12]
+
+
+def variant_settings(config: dict) -> dict:
+    """What the runs of one sweep share: a run's identity less the grid's axes (batch size,
+    optimizer.lr, seed), as flat dotted keys, e.g. {"budget.max_steps": 400, ...}."""
+    identity = _identity(config)
+    identity.pop("batch_size"), identity.pop("seed")
+    identity["optimizer"] = {k: v for k, v in (identity["optimizer"] or {}).items() if k != "lr"}
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key in sorted(value):
+                walk(f"{prefix}.{key}" if prefix else str(key), value[key])
+        else:
+            flat[prefix] = value
+
+    walk("", identity)
+    return flat
+
+
+def sweep_variant(config: dict) -> str:
+    """A short stable hash of `variant_settings`: one sweep directory holds one variant."""
+    return hashlib.sha256(_canonical(variant_settings(config)).encode()).hexdigest()[:12]
 
 
 def run_name(config: dict) -> str:
@@ -103,32 +133,116 @@ def write_record(path: str | os.PathLike, record: dict) -> None:
 
 
 class RecordError(ValueError):
-    """A record file that cannot be used: unreadable, torn, or of an unknown schema."""
+    """A record file that cannot be used: unreadable, torn, of an unknown schema, or with a field
+    of the wrong type (the message names the file and the field)."""
+
+
+class NotOwner(RuntimeError):
+    """A writer that no longer owns its run (another job took the run over) tried to write the
+    record; it is not written (sweeps/lease.py)."""
+
+
+_NUMBER = (int, float)
+_NUMBER_OR_NULL = {int, float, type(None)}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _check(ok: bool, field: str, expected: str, value) -> None:
+    if not ok:
+        raise RecordError(f"{field}: expected {expected}, got {_type(value)}")
+
+
+def _check_layout(record: dict) -> None:
+    """What every record has, partial ones included: the top-level keys and their types."""
+    missing = [k for k in ("run_id", "status", "config", "goals", "summary", "curve") if k not in record]
+    if missing:
+        raise RecordError(f"{', '.join(missing)}: missing key (record lacks {', '.join(missing)})")
+    if record["status"] not in STATUSES:
+        raise RecordError(f"status: unknown status {record['status']!r}; expected one of {STATUSES}")
+    _check(isinstance(record["run_id"], str), "run_id", "a string", record["run_id"])
+    for key, kind, name in (("config", dict, "an object"), ("goals", list, "a list of goals"),
+                            ("summary", dict, "an object"), ("curve", dict, "an object of columns")):
+        _check(isinstance(record[key], kind), key, name, record[key])
+    if "run_name" in record:
+        _check(isinstance(record["run_name"], str), "run_name", "a string", record["run_name"])
+
+
+def _check_finished(record: dict) -> None:
+    """Every field that the analysis and the launcher read, with its type."""
+    config = record["config"]
+    for section in ("task", "optimizer"):
+        _check(isinstance(config.get(section), dict), f"config.{section}", "an object", config.get(section))
+        name = config[section].get("name")
+        _check(isinstance(name, str), f"config.{section}.name", "a string", name)
+    lr = config["optimizer"].get("lr")
+    _check(_is_number(lr), "config.optimizer.lr", "a number", lr)
+    for key in ("batch_size", "seed"):
+        _check(_is_int(config.get(key)), f"config.{key}", "an integer", config.get(key))
+    for i, goal in enumerate(record["goals"]):
+        _check(isinstance(goal, dict), f"goals[{i}]", "an object", goal)
+        _check(isinstance(goal.get("metric"), str), f"goals[{i}].metric", "a string", goal.get("metric"))
+        _check(_is_number(goal.get("threshold")), f"goals[{i}].threshold", "a number", goal.get("threshold"))
+        _check(isinstance(goal.get("reached"), bool), f"goals[{i}].reached", "true or false", goal.get("reached"))
+        if "censored" in goal:
+            _check(isinstance(goal["censored"], bool), f"goals[{i}].censored", "true or false", goal["censored"])
+        for key in ("step", "examples", "wall_time", *GOAL_NOISE_COLUMNS):
+            if goal.get(key) is not None:
+                _check(_is_number(goal[key]), f"goals[{i}].{key}", "a number or null", goal[key])
+    summary = record["summary"]
+    for key in ("steps", "examples", "wall_time", *INIT_NOISE_COLUMNS):
+        if summary.get(key) is not None:
+            _check(_is_number(summary[key]), f"summary.{key}", "a number or null", summary[key])
+    length = None
+    for key, column in record["curve"].items():
+        _check(isinstance(column, list), f"curve.{key}", "a list", column)
+        if not {type(v) for v in column} <= _NUMBER_OR_NULL:
+            bad = next(v for v in column if type(v) not in _NUMBER_OR_NULL)
+            _check(False, f"curve.{key}", "a list of numbers or nulls", bad)
+        if length is None:
+            length = len(column)
+        elif len(column) != length:
+            raise RecordError(f"curve.{key}: has {len(column)} values, the curve's other columns {length}")
 
 
 def read_record(path: str | os.PathLike) -> dict:
+    """The record at `path`, checked against its schema: a partial (running) record for its
+    layout, a finished one for every field the analysis and the launcher read (docs/records.md).
+    Raises RecordError naming the file and the field."""
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"{path}: unreadable record ({exc})") from exc
     if not isinstance(record, dict):
         raise RecordError(f"{path}: not a record (top level is {type(record).__name__})")
     version = record.get("schema_version")
     if version != SCHEMA_VERSION:
         raise RecordError(f"{path}: schema_version {version!r}, this critbatch reads {SCHEMA_VERSION}")
-    missing = [k for k in ("run_id", "status", "config", "goals", "summary", "curve") if k not in record]
-    if missing:
-        raise RecordError(f"{path}: record lacks {', '.join(missing)}")
-    if record["status"] not in STATUSES:
-        raise RecordError(f"{path}: unknown status {record['status']!r}; expected one of {STATUSES}")
+    try:
+        _check_layout(record)
+        if record["status"] != RUNNING:
+            _check_finished(record)
+    except RecordError as exc:
+        raise RecordError(f"{path}: {exc}") from None
     return record
 
 
 def is_complete(path: str | os.PathLike) -> bool:
     """True when `path` holds a finished record that a relaunch must not recompute."""
     try:
-        return read_record(path)["status"] in (COMPLETED, DIVERGED, BUDGET_EXHAUSTED)
+        return read_record(path)["status"] in (COMPLETED, DIVERGED, STALLED, BUDGET_EXHAUSTED)
     except RecordError:
         return False
 
@@ -137,17 +251,32 @@ def iter_record_paths(sweep_dir: str | os.PathLike) -> Iterator[Path]:
     return iter(sorted(Path(sweep_dir).rglob(RECORD_FILE)))
 
 
+def _current_variant(sweep_dir: Path) -> str | None:
+    """The sweep variant that the directory's sweep.json (written by sweeps.launch) names, if any."""
+    try:
+        variant = json.loads((sweep_dir / SWEEP_FILE).read_text()).get("variant")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return variant if isinstance(variant, str) else None
+
+
 def _read_finished(sweep_dir) -> tuple[list[tuple[Path, dict]], list[dict]]:
     """Finished records, and the problems (partial or unreadable records) named by path."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
     finished, problems = [], []
+    variant = _current_variant(sweep_dir)
     for path in iter_record_paths(sweep_dir):
         try:
             record = read_record(path)
         except RecordError as exc:
             problems.append({"path": str(path), "problem": str(exc)})
+            continue
+        if variant is not None and sweep_variant(record["config"]) != variant:
+            problems.append({"path": str(path), "problem": f"a run of sweep variant {sweep_variant(record['config'])}, "
+                             f"not of the variant {variant} that {SWEEP_FILE} names: not counted (another "
+                             f"sweep's settings; see sweeps.launch's +sweep.allow_new_variant)"})
             continue
         if record["status"] == RUNNING:
             problems.append({"path": str(path), "problem": "partial record (status running): the job "
