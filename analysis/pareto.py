@@ -182,10 +182,10 @@ def load_records(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def analyse(runs: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0,
-            notes: list[str] | None = None) -> Analysis:
+            notes: list[str] | None = None, min_steps: float = tradeoff.MIN_FIT_STEPS) -> Analysis:
     cand = tradeoff.steps_by_lr(runs)
     best = tradeoff.best_runs(runs)
-    fits = tradeoff.fit_all_goals(best, level=level, n_bootstrap=n_bootstrap)
+    fits = tradeoff.fit_all_goals(best, level=level, n_bootstrap=n_bootstrap, runs=runs, min_steps=min_steps)
     return Analysis(runs=runs, cand=cand, best=best, fits=fits, notes=list(notes or []))
 
 
@@ -226,17 +226,24 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render_summary(a: Analysis, source: str, files: list[Path], figure_notes: list[str],
-                   out_dir: Path) -> str:
+                   out_dir: Path, min_steps: float = tradeoff.MIN_FIT_STEPS) -> str:
     level = a.fits["level"].iloc[0] if "level" in a.fits and len(a.fits) else 0.95
     boot = "b_crit_boot_low" in a.fits and a.fits["b_crit_boot_low"].notna().any()
     n_runs = a.runs["run_id"].nunique() if "run_id" in a.runs else len(a.runs)
+    seeds = "b_crit_seed_low" in a.fits and a.fits["b_crit_seed_low"].notna().any()
     lines = ["# Critical batch size: Pareto fronts and the steps/examples tradeoff", "",
              f"Input: `{source}` ({n_runs} runs, {a.runs['goal'].nunique()} goal(s)).",
              f"Fit per goal: S = S_min (1 + B_crit/B) on the best lr at each batch size, least "
-             f"squares on ln S; intervals are {level:.0%}, exp(ln x ± t·se) with t of n-2 degrees "
-             f"of freedom" + ("; in parentheses a residual-bootstrap interval." if boot else "."),
-             "B_simple: median over the best runs at that goal (the runs named in "
-             "tradeoff_fits.csv, column b_simple_runs); range over them in brackets.", ""]
+             f"squares on ln S, on the points reached in at least {min_steps:g} steps (not censored); intervals are {level:.0%}, exp(ln x ± t·se) "
+             f"with t of n-2 degrees of freedom"
+             + ("; in parentheses the interval from resampling the seeds of every (B, lr) and picking "
+                "the best lr again (seed-to-seed noise and the winner's curse included)." if seeds else
+                "; in parentheses a residual-bootstrap interval." if boot else "."),
+             "B_simple at the goal: pooled over the fitted best runs (their |G|^2 and tr(Sigma) estimates "
+             "weighted by 1/se(|G|^2)^2), ± its standard error, or a lower bound where |G|^2 is not "
+             "resolved; path: B_simple averaged along the path to the goal (median over the best runs), "
+             "the quantity B_crit is to be compared with; init: at initialisation. The runs are named in "
+             "tradeoff_fits.csv (b_simple_runs).", ""]
     for sel, _ in _combos(a.fits):
         fits = _select(a.fits, sel)
         best = _select(a.best, sel)
@@ -245,25 +252,29 @@ def render_summary(a: Analysis, source: str, files: list[Path], figure_notes: li
         rows = []
         for _, f in fits.iterrows():
             b_crit = _g(f["b_crit"]) + " " + _interval(f["b_crit_low"], f["b_crit_high"])
-            if boot and np.isfinite(f["b_crit_boot_low"]):
+            if seeds and np.isfinite(f["b_crit_seed_low"]):
+                b_crit += f" ({_g(f['b_crit_seed_low'])}, {_g(f['b_crit_seed_high'])})"
+            elif boot and np.isfinite(f["b_crit_boot_low"]):
                 b_crit += f" ({_g(f['b_crit_boot_low'])}, {_g(f['b_crit_boot_high'])})"
-            b_simple = _g(f["b_simple"])
-            if f["b_simple_n"]:
-                b_simple += f" [{_g(f['b_simple_min'])}, {_g(f['b_simple_max'])}] at B={f['b_simple_batch_sizes']}"
+            if f["b_simple_n"] and not f["b_simple_resolved"]:
+                b_simple = f"≥ {_g(f['b_simple_lower'])} (not resolved)"
+            else:
+                b_simple = _g(f["b_simple"]) + (f" ± {_g(f['b_simple_se'])}" if np.isfinite(f["b_simple_se"]) else "")
             b_noise = _g(f["lr_b_noise"]) + " " + _interval(f["lr_b_noise_low"], f["lr_b_noise_high"])
             rows.append([f["goal"], f["n_batch_sizes"], _g(f["s_min"]) + " " + _interval(f["s_min_low"], f["s_min_high"]),
                          _g(f["e_min"]) + " " + _interval(f["e_min_low"], f["e_min_high"]), b_crit,
-                         b_simple, b_noise, _g(f["resid_rms"])])
-        lines += _md_table(["goal", "#B", "S_min", "E_min", "B_crit", "B_simple", "B_noise (lr fit)",
-                            "rms ln S"], rows)
+                         b_simple, _g(f["b_simple_path"]), _g(f["b_simple_init"]), b_noise, _g(f["resid_rms"])])
+        lines += _md_table(["goal", "#B fitted", "S_min", "E_min", "B_crit", "B_simple at goal",
+                            "B_simple path", "B_simple init", "B_noise (lr fit)", "rms ln S"], rows)
         warn = [(f["goal"], w) for _, f in fits.iterrows() for w in str(f["warnings"]).split("; ") if w]
         lines += ["", "### Warnings", ""]
         lines += [f"- **{g}**: {w}" for g, w in warn] or ["- none"]
         lines += ["", "### Best run per goal and batch size", ""]
         rows = []
         for _, r in best.iterrows():
+            steps = "censored" if r.get("censored", False) else _g(r["steps"]) if r["reached"] else "not reached"
             rows.append([r["goal"], f"{r['batch_size']:g}", _g(r["lr"]) if r["reached"] else "–",
-                         _g(r["steps"]) if r["reached"] else "not reached", _g(r["examples"]),
+                         steps, _g(r["examples"]),
                          _g(r["b_simple"]), f"{_g(r['lr_grid_min'])}–{_g(r['lr_grid_max'])} ({r['n_lrs']})",
                          "" if r["on_front"] or not r["reached"] else "dominated", r["warnings"]])
         lines += _md_table(["goal", "B", "best lr", "steps", "examples", "B_simple", "lr grid (n)",
@@ -327,6 +338,7 @@ def draw_figures(a: Analysis, out_dir: Path, curves_for, goal: str | None = None
         else:
             skipped.append(f"pareto_fronts{where}: no run reached any goal")
         files += plots.save_figure(plots.noise_scales(fits, sub), fig_dir, "noise_scales" + suffix)
+        files += plots.save_figure(plots.b_crit_vs_noise_scale(fits, sub), fig_dir, "b_crit_vs_b_simple" + suffix)
         if any_reached and has_lr:
             files += plots.save_figure(plots.lr_vs_batch(best, fits, sub), fig_dir, "lr_vs_batch" + suffix)
         else:
@@ -390,6 +402,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (0.95)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N",
                    help="residual-bootstrap resamples per goal for a second interval (200; 0: none)")
+    p.add_argument("--min-steps", type=float, default=tradeoff.MIN_FIT_STEPS, metavar="S",
+                   help=f"fit only points reached in at least S steps ({tradeoff.MIN_FIT_STEPS}: a step count "
+                        "resolved to ~5%%; a noiseless metric evaluated every step, as linreg's, resolves less)")
     p.add_argument("--goal", help="goal for the heatmap and the curves (default: hardest goal with a fit)")
     p.add_argument("--no-figures", action="store_true", help="tables and summary only")
     p.add_argument("--quiet", action="store_true", help="do not print the summary")
@@ -405,6 +420,8 @@ def run(args: argparse.Namespace) -> Path:
         raise AnalysisError(f"--level {args.level} must be between 0 and 1")
     if args.bootstrap < 0:
         raise AnalysisError(f"--bootstrap {args.bootstrap} must be >= 0")
+    if not args.min_steps > 0:
+        raise AnalysisError(f"--min-steps {args.min_steps} must be > 0")
     if args.from_csv:
         runs, notes = read_measurements_csv(args.from_csv)
         source = args.from_csv
@@ -417,7 +434,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"warning: {note}", file=sys.stderr)
     if len(notes) > _MAX_LISTED:
         print(f"warning: ... and {len(notes) - _MAX_LISTED} more input problems (input_problems.csv)", file=sys.stderr)
-    a = analyse(runs, level=args.level, n_bootstrap=args.bootstrap, notes=notes)
+    a = analyse(runs, level=args.level, n_bootstrap=args.bootstrap, notes=notes, min_steps=args.min_steps)
     files = write_tables(a, out_dir)
     figure_notes: list[str] = []
     if not args.no_figures:
@@ -428,7 +445,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"warning: --goal {args.goal!r} is not a goal here; goals: {', '.join(map(str, a.fits['goal']))}",
               file=sys.stderr)
     summary_path = out_dir / "summary.md"
-    summary = render_summary(a, source, files + [summary_path], figure_notes, out_dir)
+    summary = render_summary(a, source, files + [summary_path], figure_notes, out_dir, args.min_steps)
     summary_path.write_text(summary)
     if not args.quiet:
         print(summary)

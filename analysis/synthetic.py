@@ -60,7 +60,7 @@ def make_record(truth: Truth, batch_size: int, lr: float, seed: int, task: str =
     goals = []
     for k, thr in enumerate(truth.thresholds):
         grad_sq = 1.0 / (1.0 + cross[k] / 100.0)
-        goals.append({"metric": truth.metric, "threshold": thr, "reached": bool(reached[k]),
+        goals.append({"metric": truth.metric, "threshold": thr, "reached": bool(reached[k]), "censored": False,
                       "step": int(cross[k]) if reached[k] else None,
                       "examples": int(cross[k]) * batch_size if reached[k] else None,
                       "wall_time": 1e-3 * cross[k] if reached[k] else None,
@@ -81,12 +81,10 @@ def make_record(truth: Truth, batch_size: int, lr: float, seed: int, task: str =
              "wall_time": (1e-3 * step).tolist(), "train_loss": (2.3 * err).tolist(),
              "train_error": err.tolist(), "b_simple": bs_curve.tolist(),
              "grad_sq_norm": grad_sq_curve.tolist(), "trace_sigma": (bs_curve * grad_sq_curve).tolist()}
-    return {"schema_version": records.SCHEMA_VERSION, "run_id": records.run_id(config),
-            "run_name": records.run_name(config), "status": status or run_status, "config": config,
-            "goals": goals,
-            "summary": {"steps": final, "examples": final * batch_size, "wall_time": 1e-3 * final,
-                        "reason": reason, "error": None},
-            "curve": curve}
+    record = records.new_record(config)
+    record.update(status=status or run_status, goals=goals, curve=curve)
+    record["summary"].update(steps=final, examples=final * batch_size, wall_time=1e-3 * final, reason=reason)
+    return record
 
 
 def lr_grid(truth: Truth, batch_size: int, factors) -> list[float]:

@@ -112,7 +112,7 @@ def test_one_batch_size_gives_a_partial_report(tmp_path, capsys):
     write_sweep(tmp_path, TRUTH, batch_sizes=(64,), lr_factors=(0.5, 1.0, 2.0), curve_ratio=1.2)
     code, out, err = run_main([tmp_path, "--out", tmp_path / "o"], capsys)
     assert code == 0
-    assert "reached by only 1 batch size(s): no fit" in out
+    assert "fitted on only 1 batch size(s): no fit" in out
     assert "no goal could be fitted" in err
     fits = pd.read_csv(tmp_path / "o" / "tradeoff_fits.csv")
     assert not fits["identified"].any() and fits["b_crit"].isna().all()

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from critbatch.tradeoff import best_runs, fit_all_goals, fit_lr_curve, fit_tradeoff, steps_by_lr
+from critbatch.tradeoff import best_runs, fit_all_goals, fit_lr_curve, fit_tradeoff, noise_scale_summary, steps_by_lr
 
 B = 2.0 ** np.arange(2, 12)          # 4 .. 2048
 S_MIN, B_CRIT = 200.0, 300.0
@@ -225,11 +225,108 @@ def test_lr_fit_on_a_grid_keeps_the_grid_resolution_in_its_interval():
     assert exact.b_noise_ci[1] / exact.b_noise_ci[0] == pytest.approx(1, abs=1e-3)
 
 
-def test_goals_reached_in_very_few_steps_are_flagged():
-    fits = fit_all_goals(best_runs(runs_frame([(b, 0.1, s) for b, s in zip(B, draw(B, 0.02, 5, s_min=4))]))).iloc[0]
-    assert "fewer than 10 steps at B=" in fits["warnings"]
+def test_goals_reached_in_very_few_steps_are_listed_and_not_fitted():
+    steps = draw(B, 0.02, 5, s_min=4)
+    fits = fit_all_goals(best_runs(runs_frame([(b, 0.1, s) for b, s in zip(B, steps)]))).iloc[0]
+    few = B[steps < 20]
+    assert len(few) >= 3 and "fewer than 20 steps at B=" in fits["warnings"]
+    assert fits["too_few_steps_at"] == " ".join(f"{b:g}" for b in few)
+    assert fits["n_batch_sizes"] == len(B) - len(few)  # only the resolved points are fitted
     ok = fit_all_goals(best_runs(runs_frame([(b, 0.1, s) for b, s in zip(B, draw(B, 0.02, 5))]))).iloc[0]
-    assert "fewer than 10 steps" not in ok["warnings"]
+    assert "fewer than 20 steps" not in ok["warnings"] and ok["n_batch_sizes"] == len(B)
+
+
+def test_censored_goals_are_reached_but_not_fitted():
+    """A goal met before its first valid measurement has no step: the best lr at that B is the
+    censored one (faster than any measured), it is named, and the fit leaves it out."""
+    rows = [(b, lr, 100 * (1 + 64 / b) * (1 + abs(k))) for b in B for k, lr in enumerate((0.1, 0.2))]
+    df = runs_frame(rows)
+    df["censored"] = False
+    censored = (df["batch_size"] == 2048) & (df["lr"] == 0.2)
+    df.loc[censored, ["censored", "steps"]] = [True, np.nan]
+    best = best_runs(df).set_index("batch_size")
+    assert best.loc[2048, "censored"] and best.loc[2048, "reached"] and math.isnan(best.loc[2048, "steps"])
+    assert best.loc[2048, "lr"] == 0.2 and not best.loc[2048, "on_front"]
+    assert "censored" in best.loc[2048, "warnings"]
+    fits = fit_all_goals(best.reset_index()).iloc[0]
+    assert fits["censored_at"] == "2048" and fits["n_batch_sizes"] == len(B) - 1
+    assert "censored" in fits["warnings"]
+    assert fits["b_crit"] == pytest.approx(64, rel=1e-3)
+
+
+def pooled_runs(truth_g, truth_t, ses, seed):
+    """Best runs whose |G|^2 and tr(Sigma) estimates are unbiased draws with the given SEs."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, se in enumerate(ses):
+        g, t = truth_g + se * rng.standard_normal(), truth_t * (1 + 0.05 * rng.standard_normal())
+        rows.append({"batch_size": 2 ** (i + 3), "run_name": f"r{i}", "grad_sq_norm": g, "grad_sq_norm_se": se,
+                     "trace_sigma": t, "trace_sigma_se": 0.05 * truth_t, "noise_cov": 0.0,
+                     "b_simple": t / g if g > 0 else np.nan, "b_simple_path": 50.0 + i, "b_simple_init": 30.0})
+    return pd.DataFrame(rows)
+
+
+def test_pooled_b_simple_is_unbiased_within_its_standard_error_and_keeps_negative_runs():
+    """Runs at small B measure |G|^2 with SEs far above it (negative estimates are common there);
+    pooling numerators and denominators with inverse-variance weights keeps them without bias,
+    where a median of per-run ratios (NaN for negative |G|^2) is biased."""
+    truth_g, truth_t = 0.01, 5.0               # B_simple = 500
+    ses = [0.05, 0.03, 0.01, 0.004, 0.002]     # small B: |G|^2 unresolved; large B: resolved
+    z, medians = [], []
+    for seed in range(300):
+        summary = noise_scale_summary(pooled_runs(truth_g, truth_t, ses, seed))
+        assert summary["b_simple_n"] == len(ses)  # nothing dropped
+        z.append((summary["b_simple"] - 500.0) / summary["b_simple_se"])
+        medians.append(np.nanmedian(pooled_runs(truth_g, truth_t, ses, seed)["b_simple"]))
+    z = np.array(z)
+    assert abs(np.median(z)) < 0.25 and 0.8 < np.std(z) < 1.25   # honest standard errors
+    assert abs(np.median(medians) - 500) > 4 * np.std(medians) / np.sqrt(len(medians))  # the naive one is not
+
+
+def test_unresolved_b_simple_says_so_and_gives_a_lower_bound():
+    summary = noise_scale_summary(pooled_runs(0.0005, 5.0, [0.05, 0.03, 0.01], seed=1))
+    assert not summary["b_simple_resolved"]
+    assert summary["b_simple_lower"] > 0 and summary["b_simple_lower"] < 5.0 / 0.0005
+    fits = fit_all_goals(best_runs(runs_frame([(b, 0.1, 100 * (1 + 64 / b)) for b in B])).assign(
+        grad_sq_norm=0.0001, grad_sq_norm_se=0.05, trace_sigma=5.0, trace_sigma_se=0.1, noise_cov=0.0)).iloc[0]
+    assert "not resolved" in fits["warnings"] and "at least" in fits["warnings"]
+
+
+def test_path_and_initial_noise_scales_are_medians_over_the_best_runs():
+    summary = noise_scale_summary(pooled_runs(0.01, 5.0, [0.01, 0.005, 0.002], seed=0))
+    assert summary["b_simple_path"] == 51.0 and summary["b_simple_path_min"] == 50.0
+    assert summary["b_simple_init"] == 30.0
+
+
+def seeded_sweep(seed, n_seeds, sigma=0.15, lrs=(0.5, 0.71, 1.0, 1.41, 2.0)):
+    """Runs from the model with seed noise sigma on ln S and a quadratic lr penalty around lr 1."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in B:
+        for lr in lrs:
+            for s in range(n_seeds):
+                steps = S_MIN * (1 + B_CRIT / b) * np.exp(0.5 * np.log(lr) ** 2 + sigma * rng.standard_normal())
+                rows.append((b, lr, steps, s))
+    return runs_frame(rows)
+
+
+def test_bootstrap_over_seeds_covers_the_truth_and_holds_the_winners_curse():
+    """With 3 seeds per (B, lr) and seed noise of 15% on each step count, the interval from
+    resampling seeds and picking the best lr again covers the truth about as often as it claims;
+    picking the best of 5 noisy lrs biases S low (the winner's curse), which it must not hide."""
+    covered, widths = 0, []
+    trials = 30
+    for seed in range(trials):
+        runs = seeded_sweep(seed, n_seeds=3)
+        fits = fit_all_goals(best_runs(runs), n_bootstrap=60, runs=runs, seed=seed).iloc[0]
+        assert fits["n_seed_resamples"] >= 30
+        covered += fits["b_crit_seed_low"] <= B_CRIT <= fits["b_crit_seed_high"]
+        widths.append(np.log(fits["b_crit_seed_high"] / fits["b_crit_seed_low"]))
+    assert covered / trials >= 0.8, covered
+    single = fit_all_goals(best_runs(seeded_sweep(0, n_seeds=1)), n_bootstrap=60,
+                           runs=seeded_sweep(0, n_seeds=1)).iloc[0]
+    assert math.isnan(single["b_crit_seed_low"])  # one seed: nothing to resample
+    assert np.isfinite(single["b_crit_boot_low"])  # the residual bootstrap instead
 
 
 def test_exact_data_still_get_an_interval_as_wide_as_the_step_resolution():

@@ -77,6 +77,11 @@ class SmoothingConfig:
 class DivergenceConfig:
     loss_ratio: float = 10.0   # diverged when the smoothed loss exceeds this multiple of the initial loss
     # (the initial model's mean loss over smoothing.min_examples examples, not one noisy batch)
+    # Stalled (stopped, treated like diverged) when, after stall_steps steps, neither the smoothed
+    # loss nor the smoothed goal metric improved by stall_improvement (relative) over the last half
+    # of the run: e.g. stuck at chance after too large an lr. 0 steps: never.
+    stall_steps: int = 1000
+    stall_improvement: float = 0.01
 
 
 @dataclass
@@ -179,8 +184,13 @@ class RunConfig:
         if not _is_number(smoothing.eval_relative_interval) or not 0 <= smoothing.eval_relative_interval <= 1:
             raise ConfigError(f"smoothing.eval_relative_interval={smoothing.eval_relative_interval!r} "
                               "must lie in [0, 1] (0 evaluates at every step)")
-        if not self.divergence.loss_ratio > 1:
-            raise ConfigError(f"divergence.loss_ratio={self.divergence.loss_ratio} must be > 1")
+        div = self.divergence
+        if not _is_number(div.loss_ratio) or not div.loss_ratio > 1:
+            raise ConfigError(f"divergence.loss_ratio={div.loss_ratio!r} must be a number > 1")
+        if not isinstance(div.stall_steps, int) or isinstance(div.stall_steps, bool) or div.stall_steps < 0:
+            raise ConfigError(f"divergence.stall_steps={div.stall_steps!r} must be an integer >= 0 (0: never stall)")
+        if not _is_number(div.stall_improvement) or not 0 < div.stall_improvement < 1:
+            raise ConfigError(f"divergence.stall_improvement={div.stall_improvement!r} must lie in (0, 1)")
         if not 0 <= self.log.relative_interval <= 1:
             raise ConfigError(f"log.relative_interval={self.log.relative_interval} must lie in [0, 1] (0 logs every step)")
         if self.device not in DEVICES:

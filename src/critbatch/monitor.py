@@ -180,8 +180,8 @@ class RunBook:
     its noise-scale estimate; written atomically now and then and whenever the run ends. Whether
     the run should stop is decided elsewhere (stop_reason)."""
 
-    def __init__(self, config: RunConfig, out_dir: str | Path | None):
-        self.config = config
+    def __init__(self, config: RunConfig, out_dir: str | Path | None, guard=None):
+        self.config, self.guard = config, guard  # guard(): False when this writer no longer owns the run
         self.path = Path(out_dir) / records.RECORD_FILE if out_dir is not None else None
         ns, B = config.noise_scale, config.batch_size
         self.noise = NoiseScale(relative_window=ns.relative_window, min_window=config.smoothing.min_examples / B)
@@ -205,6 +205,8 @@ class RunBook:
         return self.status != records.RUNNING
 
     def save(self) -> None:
+        if self.guard is not None and not self.guard():
+            raise records.NotOwner(f"{self.path}: this job no longer owns the run; its record is not written")
         if self.path is not None:
             records.write_record(self.path, self.record)
         self._last_save = time.perf_counter()
@@ -282,9 +284,29 @@ class RunBook:
         self.initial_loss, self._noise_due = state["initial_loss"], list(state["noise_due"])
 
 
-def stop_reason(book: RunBook, step: int, now: float) -> tuple[str, str] | None:
+def stalled(curve: dict[str, list], keys: list[str], step: int, min_steps: int, improvement: float) -> bool:
+    """True when, at `step` >= min_steps, none of the curve's `keys` (smoothed loss and goal metric,
+    lower is better) improved by `improvement` (relative) over the last half of the run: its best
+    value since step/2 is not that much below its best value up to step/2."""
+    if not min_steps or step < min_steps:
+        return False
+    steps = np.asarray(curve["step"], dtype=float)
+    early = (steps > 0) & (steps <= step / 2)
+    late = steps > step / 2
+    for key in keys:
+        values = np.asarray(curve.get(key, []), dtype=float)
+        if len(values) != len(steps) or not early.any() or not late.any():
+            return False
+        before, after = np.nanmin(values[early], initial=np.inf), np.nanmin(values[late], initial=np.inf)
+        if not np.isfinite(before) or after < before - improvement * abs(before):
+            return False
+    return True
+
+
+def stop_reason(book: RunBook, step: int, now: float, goal_key: str = "train_loss") -> tuple[str, str] | None:
     """(status, reason) when the run is over at this logged step, else None: diverged, every goal
-    reached, or the budget spent."""
+    reached, stalled (no progress, see `stalled`; `goal_key` is the curve column of the smoothed
+    goal metric) or the budget spent."""
     config, train_loss = book.config, book.curve["train_loss"][-1] if book.curve.get("train_loss") else math.nan
     if step > 0 and not math.isfinite(train_loss):
         return records.DIVERGED, f"smoothed training loss is {train_loss}"
@@ -293,6 +315,10 @@ def stop_reason(book: RunBook, step: int, now: float) -> tuple[str, str] | None:
                                   f"{config.divergence.loss_ratio} x the initial {book.initial_loss:.4g}")
     if all(goal["reached"] for goal in book.record["goals"]):
         return records.COMPLETED, "every goal reached"
+    div = config.divergence
+    if stalled(book.curve, sorted({"train_loss", goal_key}), step, div.stall_steps, div.stall_improvement):
+        return records.STALLED, (f"no progress: neither the smoothed loss nor {goal_key} improved by "
+                                 f"{div.stall_improvement:.0%} over steps {step // 2}-{step}")
     if step >= book.max_steps:
         return records.BUDGET_EXHAUSTED, f"step budget of {book.max_steps} steps spent"
     if config.budget.max_seconds is not None and now >= config.budget.max_seconds:

@@ -135,10 +135,23 @@ def noise_scales(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
                     yerr=_yerr(fits["b_crit"], fits["b_crit_low"], fits["b_crit_high"])[:, ok],
                     fmt="o", color="C0", capsize=3, label=f"B_crit (fit, {fits['level'].iloc[0]:.0%} interval)")
     has_bs = fits["b_simple"].notna().to_numpy()
+    se = fits["b_simple_se"] if "b_simple_se" in fits else pd.Series(np.nan, index=fits.index)
     if has_bs.any():
         ax.errorbar(dx(0)[has_bs], fits["b_simple"][has_bs],
-                    yerr=_yerr(fits["b_simple"], fits["b_simple_min"], fits["b_simple_max"])[:, has_bs],
-                    fmt="s", color="C1", capsize=3, label="B_simple on the best runs (median, range)")
+                    yerr=_yerr(fits["b_simple"], fits["b_simple"] - 2 * se, fits["b_simple"] + 2 * se)[:, has_bs],
+                    fmt="s", color="C1", capsize=3, label="B_simple at the goal (pooled over the best runs, ±2 se)")
+    if "b_simple_lower" in fits and "b_simple_resolved" in fits:
+        lower = (~fits["b_simple_resolved"].astype(bool) & fits["b_simple_lower"].notna()).to_numpy()
+        if lower.any():
+            ax.plot(dx(0)[lower], fits["b_simple_lower"][lower], "^", color="C1", mfc="none", ms=8,
+                    label="B_simple not resolved: at least this")
+    if "b_simple_path" in fits and fits["b_simple_path"].notna().any():
+        path = fits["b_simple_path"].notna().to_numpy()
+        ax.plot(dx(0.5)[path], fits["b_simple_path"][path], "D", color="C3", mfc="none",
+                label="B_simple averaged along the path to the goal (median)")
+    if "b_simple_init" in fits and fits["b_simple_init"].notna().any():
+        ax.axhline(float(np.nanmedian(fits["b_simple_init"])), color="C3", ls=":", lw=1,
+                   label="B_simple at initialisation")
     has_bn = fits["lr_b_noise"].notna().to_numpy() if "lr_b_noise" in fits else np.zeros(len(fits), bool)
     if has_bn.any():
         ax.errorbar(dx(1)[has_bn], fits["lr_b_noise"][has_bn],
@@ -152,6 +165,51 @@ def noise_scales(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
         ax.legend(fontsize=8, loc="best")
     ax.grid(True, which="major", alpha=0.3)
     _title(ax, "Critical batch size vs the simple noise scale at each goal", subtitle)
+    return fig
+
+
+def b_crit_vs_noise_scale(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
+    """(f) B_crit against the noise scale at each goal, log-log, with y = x, as the paper compares
+    them: B_simple averaged along the path to the goal (what S = S_min + E_min/B integrates) and
+    B_simple local to the goal; error bars are B_crit's interval and B_simple's ±2 se."""
+    fig = Figure(figsize=(5.8, 5.2), layout="constrained")
+    ax = fig.subplots()
+    ok = fits["identified"].astype(bool)
+    colors = _goal_colors(fits["goal"])
+    values = []
+    for column, marker, label in (("b_simple_path", "D", "path average"), ("b_simple", "s", "local")):
+        if column not in fits:
+            continue
+        sel = fits[ok & fits[column].notna()]
+        for _, f in sel.iterrows():
+            xerr = None
+            if column == "b_simple" and np.isfinite(f.get("b_simple_se", np.nan)):
+                xerr = [[min(2 * f["b_simple_se"], 0.99 * f["b_simple"])], [2 * f["b_simple_se"]]]
+            ax.errorbar(f[column], f["b_crit"], xerr=xerr,
+                        yerr=_yerr([f["b_crit"]], [f["b_crit_low"]], [f["b_crit_high"]]),
+                        fmt=marker, color=colors[f["goal"]], mfc="none" if column == "b_simple" else None,
+                        capsize=2, ms=6)
+            values += [f[column], f["b_crit"]]
+    for _, f in fits.iterrows():
+        ax.plot([], [], "o", color=colors[f["goal"]], label=str(f["goal"]))
+    ax.plot([], [], "D", color="0.4", label="x: B_simple averaged along the path")
+    ax.plot([], [], "s", color="0.4", mfc="none", label="x: B_simple at the goal")
+    values = np.asarray([v for v in values if np.isfinite(v) and v > 0])
+    if values.size:
+        lo, hi = values.min() / 2, values.max() * 2
+        ax.plot([lo, hi], [lo, hi], "--", color="0.5", lw=1, label="y = x")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "nothing to show: no goal has both a fit and a B_simple", transform=ax.transAxes,
+                ha="center")
+    ax.set_xlabel("noise scale B_simple")
+    ax.set_ylabel("critical batch size B_crit (fit)")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    _title(ax, "B_crit against B_simple at each goal", subtitle)
     return fig
 
 

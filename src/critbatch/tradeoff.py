@@ -12,6 +12,7 @@ multiplicative (a few % from the evaluation grid, more from seeds and lr tuning)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +27,11 @@ FEW_BATCH_SIZES = 5           # below this the fit rests on few points: say so
 MIN_PER_SIDE = 2              # batch sizes wanted on each side of B_crit
 POOR_FIT_RMS = 0.10           # rms residual of ln(steps) above which the hyperbola fits poorly
 WIDE_INTERVAL = 10.0          # B_crit interval high/low ratio above which it is "wide"
-MIN_RESOLVED_STEPS = 10       # fewer steps to a goal are resolved to no better than ~10 %
+MIN_FIT_STEPS = 20            # a point reached in fewer steps is resolved to worse than ~5 % (one step
+                              # in 20, before seed noise): it is listed but not fitted
 STEPS_MIN_LOG_SD = 0.01       # a step count is never known better than ~1 % (evaluation spacing)
 NEGLIGIBLE_SHARE = 1e-3       # S_min or E_min/B below this share of S at every B: not measured
+COARSE_LR_GRID = 1.45         # lr grids coarser than ~sqrt(2) around the best lr overstate its steps
 _LOG_SPAN = 30.0              # search range of the log parameters below the data (a factor e^30)
 
 
@@ -270,21 +273,31 @@ def fit_lr_curve(batch_sizes, lrs, level: float = 0.95, grid_factor: float | Non
 # From runs to the best run per (goal, batch size)
 
 
+#: per-run values carried from the representative run of a (goal, B, lr) to the best-run table
+NOISE_COLUMNS = ("b_simple_se", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma", "trace_sigma_se", "noise_cov",
+                 "b_simple_path", "b_simple_init", "b_simple_init_se")
+
+
 def _reached_steps(df: pd.DataFrame) -> pd.Series:
-    """Steps where the goal was reached, +inf otherwise (so a median over seeds can say 'no')."""
+    """Steps where the goal was reached, +inf otherwise (so a median over seeds can say 'no'), and
+    0 where it was censored: met before its first valid measurement, faster than any measured."""
     steps = pd.to_numeric(df["steps"], errors="coerce").astype(float)
     reached = df["reached"].astype(bool) if "reached" in df.columns else steps.notna()
+    censored = reached & df["censored"].astype(bool) if "censored" in df.columns else pd.Series(False, index=df.index)
     ok = reached & np.isfinite(steps) & (steps > 0)
-    return steps.where(ok, np.inf)
+    return steps.where(ok, np.inf).where(~censored, 0.0)
 
 
 def steps_by_lr(df: pd.DataFrame) -> pd.DataFrame:
     """Per (goal, batch size, lr): steps to the goal, aggregated over seeds.
 
     `steps` is the median over seeds with unreached seeds counted as infinitely slow, so it is
-    finite only when at least half of the seeds reached the goal; `run_name` (and b_simple) come
-    from the reached seed closest to that median. Without an lr column each row is its own
-    candidate (a plain table lists one row per tried setting).
+    finite only when at least half of the seeds reached the goal; censored seeds (goal met before
+    the first valid measurement) count as faster than any measured one, and a median that falls on
+    them makes the setting `censored` (reached, steps unknown). `run_name` (and the noise-scale
+    columns) come from the reached seed closest to that median, b_simple is the median over the
+    reached seeds. Without an lr column each row is its own candidate (a plain table lists one
+    row per tried setting).
     """
     keys = group_keys(df)
     work = df.copy()
@@ -300,23 +313,55 @@ def steps_by_lr(df: pd.DataFrame) -> pd.DataFrame:
         work["b_simple"] = np.nan
     grouped = work.groupby("_cand", sort=False)
     work["_median"] = grouped["_steps"].transform("median")
-    # the representative run: a reached seed, the one nearest the median
-    work["_dist"] = np.where(np.isfinite(work["_steps"]),
-                             np.abs(np.log(work["_steps"]) - np.log(work["_median"])), np.inf)
+    # the representative run: a reached seed, the one nearest the median (a censored one for a censored median)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.abs(np.log(work["_steps"]) - np.log(work["_median"]))
+    both_censored = (work["_steps"] == 0) & (work["_median"] == 0)
+    work["_dist"] = np.where(both_censored, 0.0, np.where(np.isfinite(distance), distance, np.inf))
     rep = work.sort_values(["_cand", "_dist", "run_name"]).drop_duplicates("_cand")
+    carried = [c for c in ("run_id", "run_dir", *NOISE_COLUMNS) if c in work.columns]
     out = rep[keys + [c for c in ("goal_metric", "goal_threshold") if c in work.columns]
-              + ["batch_size", "lr", "run_name"]
-              + [c for c in ("run_id", "run_dir") if c in work.columns]].copy()
-    out["steps"] = rep["_median"].to_numpy()
+              + ["batch_size", "lr", "run_name"] + carried].copy()
+    median = rep["_median"].to_numpy()
+    out["steps"] = np.where(median > 0, median, np.nan)
+    out["censored"] = median == 0
     out["n_seeds"] = grouped.size().reindex(rep["_cand"]).to_numpy()
     n_reached = np.isfinite(work["_steps"]).groupby(work["_cand"]).sum()
     out["n_reached"] = n_reached.reindex(rep["_cand"]).to_numpy()
-    b_simple = work["b_simple"].where(np.isfinite(work["_steps"]))
+    measured = np.isfinite(work["_steps"]) & (work["_steps"] > 0)
+    b_simple = work["b_simple"].where(measured)
     out["b_simple"] = b_simple.groupby(work["_cand"]).median().reindex(rep["_cand"]).to_numpy()
-    out["reached"] = np.isfinite(out["steps"])
+    for column, values in _pooled_over_seeds(work, measured).items():
+        out[column] = values.reindex(rep["_cand"]).to_numpy()
+    out["reached"] = np.isfinite(median)
     out.loc[~out["reached"], ["steps", "run_name"]] = [np.nan, None]
+    out.loc[out["censored"], carried + ["b_simple"]] = np.nan
     out["examples"] = out["batch_size"] * out["steps"]
     return out.reset_index(drop=True)
+
+
+def _pooled_over_seeds(work: pd.DataFrame, measured: pd.Series) -> dict[str, pd.Series]:
+    """The noise-scale estimates of a (goal, B, lr) cell from all its seeds that measured the goal:
+    |G|^2 and tr(Sigma) pooled with weights 1/se(|G|^2)^2 (as noise_scale_summary pools batch
+    sizes, so pooling cells pools runs), their standard errors and covariance; b_simple_path and
+    b_simple_init as medians. Per _cand; missing where no seed gives them."""
+    out = {}
+    if "b_simple_path" in work.columns:
+        out["b_simple_path"] = work["b_simple_path"].where(measured).groupby(work["_cand"]).median()
+    if not {"grad_sq_norm", "grad_sq_norm_se", "trace_sigma", "trace_sigma_se"} <= set(work.columns):
+        return out
+    g, g_se = work["grad_sq_norm"].astype(float), work["grad_sq_norm_se"].astype(float)
+    t, t_se = work["trace_sigma"].astype(float), work["trace_sigma_se"].astype(float)
+    cov = work["noise_cov"].astype(float).fillna(0.0) if "noise_cov" in work.columns else 0.0 * g
+    usable = measured & np.isfinite(g) & np.isfinite(g_se) & (g_se > 0) & np.isfinite(t) & np.isfinite(t_se)
+    w = (1.0 / g_se ** 2).where(usable, 0.0)
+    sums = pd.DataFrame({"w": w, "wg": w * g.fillna(0), "wt": w * t.fillna(0), "wwtt": (w * t_se) ** 2,
+                         "wwc": w ** 2 * cov}).where(usable, 0.0).groupby(work["_cand"]).sum()
+    total = sums["w"].where(sums["w"] > 0)
+    out.update(grad_sq_norm=sums["wg"] / total, trace_sigma=sums["wt"] / total, grad_sq_norm_se=1.0 / np.sqrt(total),
+               trace_sigma_se=np.sqrt(sums["wwtt"]) / total, noise_cov=sums["wwc"] / total ** 2)
+    out["noise_runs"] = usable.groupby(work["_cand"]).sum()
+    return out
 
 
 def lr_grids(df: pd.DataFrame) -> pd.DataFrame:
@@ -355,7 +400,8 @@ def best_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Per (task, optimizer, goal, batch size): the lr that reached the goal in fewest steps.
 
     One row per (goal, batch size) that any run tried; `reached` is False where no lr reached the
-    goal. Columns: the group keys, batch_size, reached, lr, steps, examples (= B * steps),
+    goal, `censored` True where the best lr met it before its first valid measurement (steps
+    unknown: NaN). Columns: the group keys, batch_size, reached, censored, lr, steps, examples (= B * steps),
     run_name, b_simple, n_lrs, lr_grid_min, lr_grid_max, lr_at_grid_edge, lr_edge
     (single/low/high), n_tied (lrs sharing the fewest steps), n_seeds, on_front (not dominated
     in both steps and examples by another batch size) and warnings (semicolon-joined).
@@ -380,11 +426,16 @@ def best_runs(df: pd.DataFrame) -> pd.DataFrame:
         if reached.empty:
             row = group.iloc[0].copy()
             row[["lr", "steps", "examples", "b_simple"]] = np.nan
-            row["run_name"], row["lr_edge"], row["n_tied"] = None, "", 0
+            row["run_name"], row["lr_edge"], row["n_tied"], row["censored"] = None, "", 0, False
             row["n_seeds"] = int(group["n_seeds"].max())
             for col in ("run_id", "run_dir"):
                 if col in row.index:
                     row[col] = None
+            rows.append(row)
+            continue
+        if reached["censored"].any():  # met before any measurement: faster than every measured lr
+            row = reached[reached["censored"]].sort_values(["lr", "run_name"]).iloc[0].copy()
+            row["n_tied"] = int(reached["censored"].sum())
             rows.append(row)
             continue
         tied = reached[np.isclose(reached["steps"], reached["steps"].min(), rtol=1e-9)]
@@ -395,12 +446,13 @@ def best_runs(df: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     best = pd.DataFrame(rows).reset_index(drop=True)
     best["reached"] = best["reached"].astype(bool)
+    best["censored"] = best["censored"].astype(bool)
     best["lr_at_grid_edge"] = best["lr_edge"] != ""
     best["on_front"] = _on_front(best, keys)
     best["warnings"] = [_run_warnings(r) for r in best.itertuples()]
     best = _sort_goals(best).drop(columns=["n_reached"], errors="ignore")
     first = keys + [c for c in ("goal_metric", "goal_threshold") if c in best.columns] + [
-        "batch_size", "reached", "lr", "steps", "examples", "run_name", "b_simple", "n_lrs",
+        "batch_size", "reached", "censored", "lr", "steps", "examples", "run_name", "b_simple", "n_lrs",
         "lr_grid_min", "lr_grid_max", "lr_at_grid_edge", "lr_edge", "n_tied", "n_seeds", "on_front"]
     rest = [c for c in best.columns if c not in first and c != "warnings"]
     return best[first + rest + ["warnings"]]
@@ -409,7 +461,7 @@ def best_runs(df: pd.DataFrame) -> pd.DataFrame:
 def _on_front(best: pd.DataFrame, keys: list[str]) -> np.ndarray:
     """True where no other batch size reached the goal in both fewer steps and fewer examples."""
     front = np.zeros(len(best), dtype=bool)
-    for _, g in best[best["reached"]].groupby(keys, sort=False):
+    for _, g in best[best["reached"] & ~best["censored"]].groupby(keys, sort=False):
         s, e = g["steps"].to_numpy(), g["examples"].to_numpy()
         dominated = ((s[None, :] <= s[:, None]) & (e[None, :] <= e[:, None])
                      & ((s[None, :] < s[:, None]) | (e[None, :] < e[:, None]))).any(axis=1)
@@ -421,6 +473,8 @@ def _run_warnings(row) -> str:
     notes = []
     if not row.reached:
         notes.append("no lr reached this goal")
+    elif row.censored:
+        notes.append("met before the first valid measurement: steps unknown (censored)")
     elif row.lr_edge:
         notes.append(_EDGE_TEXT[row.lr_edge])
     if row.reached and row.n_seeds > 1 and row.n_reached < row.n_seeds:
@@ -455,12 +509,20 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def fit_all_goals(best: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0) -> pd.DataFrame:
-    """One row per (task, optimizer, goal): the tradeoff fit on that goal's best runs, B_simple
-    from those runs, the best-lr curve (B_noise) and the warnings a careful reader wants.
+def fit_all_goals(best: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0,
+                  runs: pd.DataFrame | None = None, min_steps: float = MIN_FIT_STEPS, seed: int = 0) -> pd.DataFrame:
+    """One row per (task, optimizer, goal): the tradeoff fit on that goal's best runs, the noise
+    scale there, the best-lr curve (B_noise) and the warnings a careful reader wants.
 
-    B_simple is the median over the best runs (the well-tuned lr at each B) that measured it;
-    `b_simple_batch_sizes` / `b_simple_runs` say which runs those were.
+    Only best runs whose steps were measured (not censored) and number at least `min_steps` are
+    fitted; the others are named in the warnings. With `runs` (the per-run frame the best runs
+    came from) holding two or more seeds, `n_bootstrap` resamples the seeds of every (B, lr) and
+    picks the best lr again each time: the `*_seed_low/high` intervals then hold the seed-to-seed
+    noise and the winner's curse of picking the best lr. Otherwise `*_boot_low/high` are
+    residual-bootstrap intervals of the fit alone.
+
+    The noise scale at the goal (noise_scale_summary): B_simple pooled over the fitted best runs,
+    its path average and its value at initialisation.
     """
     keys = group_keys(best)
     rows = []
@@ -470,17 +532,25 @@ def fit_all_goals(best: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0)
         for col in ("goal_metric", "goal_threshold"):
             if col in g.columns:
                 row[col] = g[col].iloc[0]
-        hit = g[g["reached"]].sort_values("batch_size")
+        censored = g["censored"].astype(bool) if "censored" in g.columns else pd.Series(False, index=g.index)
+        measured = g[g["reached"] & ~censored].sort_values("batch_size")
+        hit = measured[measured["steps"] >= min_steps]
         missed = g.loc[~g["reached"], "batch_size"].tolist()
         row["batch_sizes"] = " ".join(f"{b:g}" for b in hit["batch_size"])
         row["not_reached_at"] = " ".join(f"{b:g}" for b in missed)
+        row["censored_at"] = " ".join(f"{b:g}" for b in g.loc[g["reached"] & censored, "batch_size"])
+        row["too_few_steps_at"] = " ".join(f"{b:g}" for b in measured.loc[measured["steps"] < min_steps, "batch_size"])
+        seeded = _seed_replicates(runs, row, hit) if runs is not None and n_bootstrap > 0 else None
         if len(hit):
-            fit = fit_tradeoff(hit["batch_size"], hit["steps"], level=level, n_bootstrap=n_bootstrap,
+            fit = fit_tradeoff(hit["batch_size"], hit["steps"], level=level,
+                               n_bootstrap=n_bootstrap if seeded is None else 0, seed=seed,
                                min_log_sd=STEPS_MIN_LOG_SD)
         else:
-            fit = TradeoffFit(level=level, message="no run reached this goal")
+            fit = TradeoffFit(level=level, message="no run reached this goal" if not len(measured)
+                              else f"no best run took {min_steps:g} steps or more")
         row.update(fit.as_row())
-        row.update(_b_simple_summary(hit))
+        row.update(_seed_bootstrap(seeded, fit, n_bootstrap, level, seed))
+        row.update(noise_scale_summary(hit))
         grid_factor = _grid_factor(hit)
         lr_fit = _lr_fit_for(hit, level, grid_factor)
         row.update(lr_grid_factor=grid_factor, lr_eps_max=lr_fit.eps_max, lr_eps_max_low=lr_fit.eps_max_ci[0],
@@ -488,26 +558,141 @@ def fit_all_goals(best: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0)
                    lr_b_noise_low=lr_fit.b_noise_ci[0], lr_b_noise_high=lr_fit.b_noise_ci[1],
                    lr_n_points=lr_fit.n_points, lr_resid_rms=lr_fit.resid_rms,
                    lr_fit_message=lr_fit.message)
-        row["warnings"] = "; ".join(_goal_warnings(fit, hit, missed, lr_fit))
+        row["warnings"] = "; ".join(_goal_warnings(fit, hit, missed, lr_fit, row, min_steps))
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=keys + ["n_points", "b_crit", "warnings"])
     return pd.DataFrame(rows)
 
 
-def _b_simple_summary(hit: pd.DataFrame) -> dict:
-    measured = hit[np.isfinite(hit["b_simple"].astype(float)) & (hit["b_simple"].astype(float) > 0)] \
-        if "b_simple" in hit.columns else hit.iloc[:0]
-    values = measured["b_simple"].to_numpy(dtype=float) if len(measured) else np.array([])
-    return {
-        "b_simple": float(np.median(values)) if values.size else math.nan,
-        "b_simple_gmean": float(np.exp(np.mean(np.log(values)))) if values.size else math.nan,
-        "b_simple_min": float(values.min()) if values.size else math.nan,
-        "b_simple_max": float(values.max()) if values.size else math.nan,
-        "b_simple_n": int(values.size),
-        "b_simple_batch_sizes": " ".join(f"{b:g}" for b in measured["batch_size"]),
-        "b_simple_runs": ";".join(str(r) for r in measured["run_name"]) if "run_name" in measured else "",
-    }
+# ---------------------------------------------------------------------------------------------
+# Seeds as replicates: a bootstrap over seeds that repeats the choice of the best lr
+
+
+def _seed_replicates(runs: pd.DataFrame, row: dict, hit: pd.DataFrame):
+    """For the fitted batch sizes of one goal: steps per (B, lr, seed) as an array [B, lr, seed]
+    (inf: not reached, 0: censored, NaN: no such run), or None with fewer than two seeds."""
+    if "seed" not in runs.columns or "lr" not in runs.columns or hit.empty:
+        return None
+    sel = runs
+    for k in [k for k in GROUP_KEYS if k in row and k in runs.columns]:
+        sel = sel[sel[k] == row[k]]
+    sel = sel[sel["batch_size"].isin(hit["batch_size"])]
+    if "status" in sel.columns:
+        sel = sel[sel["status"] != "failed"]
+    if sel["seed"].nunique() < 2:
+        return None
+    sel = sel.assign(_steps=_reached_steps(sel))
+    batch_sizes = np.sort(hit["batch_size"].unique())
+    lrs, seeds = np.sort(sel["lr"].unique()), np.sort(sel["seed"].unique())
+    cube = np.full((len(batch_sizes), len(lrs), len(seeds)), np.nan)
+    cube[np.searchsorted(batch_sizes, sel["batch_size"]), np.searchsorted(lrs, sel["lr"]),
+         np.searchsorted(seeds, sel["seed"])] = sel["_steps"].to_numpy()
+    return batch_sizes, cube
+
+
+def _seed_bootstrap(seeded, fit: TradeoffFit, n_bootstrap: int, level: float, seed: int) -> dict:
+    """Percentile intervals of S_min, E_min and B_crit over resamples of the seeds in every
+    (B, lr) cell, the best lr chosen again in each resample."""
+    out = {f"{name}_seed_{side}": math.nan for name in ("s_min", "e_min", "b_crit") for side in ("low", "high")}
+    out["n_seed_resamples"] = 0
+    if seeded is None or not fit.identified or n_bootstrap <= 0:
+        return out
+    batch_sizes, cube = seeded
+    rng = np.random.default_rng(seed)
+    n_seeds = cube.shape[-1]
+    present = np.take_along_axis(cube, np.argsort(np.isnan(cube), axis=-1, kind="stable"), axis=-1)  # runs first
+    counts = (~np.isnan(cube)).sum(-1)
+    unused = np.arange(n_seeds) >= counts[..., None]  # a cell resamples as many runs as it has
+    estimates = []
+    for _ in range(n_bootstrap):
+        pick = (rng.random(cube.shape) * np.maximum(counts, 1)[..., None]).astype(int)
+        draw = np.where(unused, np.nan, np.take_along_axis(present, pick, axis=-1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # cells without runs give NaN
+            best = np.nanmin(np.nanmedian(draw, axis=-1), axis=1)
+        ok = np.isfinite(best) & (best > 0)  # reached, and not censored, in this resample
+        if ok.sum() < MIN_BATCH_SIZES_FOR_FIT:
+            continue
+        refit = fit_tradeoff(batch_sizes[ok], best[ok], level=level)
+        if refit.identified:
+            estimates.append(np.log([refit.s_min, refit.e_min, refit.b_crit]))
+    if len(estimates) < max(10, n_bootstrap // 2):
+        return out
+    q = np.exp(np.quantile(np.array(estimates), [0.5 - level / 2, 0.5 + level / 2], axis=0))
+    for j, name in enumerate(("s_min", "e_min", "b_crit")):
+        out[f"{name}_seed_low"], out[f"{name}_seed_high"] = float(q[0, j]), float(q[1, j])
+    out["n_seed_resamples"] = len(estimates)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise scale at a goal
+
+
+def noise_scale_summary(hit: pd.DataFrame) -> dict:
+    """B_simple at a goal from its best runs (one per batch size):
+
+    - `b_simple`: pooled over the runs as sums of numerators and denominators, each run's
+      |G|^2 and tr(Sigma) estimates weighted by 1/se(|G|^2)^2, then their ratio; `b_simple_se`
+      by the delta method. Where |G|^2 is not resolved (pooled estimate below twice its standard
+      error) `b_simple_resolved` is False and `b_simple_lower` = tr(Sigma)/(|G|^2 + 2 se) is what
+      the data say. Runs without standard errors (a plain table) fall back to the median of b_simple.
+    - `b_simple_path`: the median over the runs of B_simple averaged along the path to the goal
+      (what S = S_min + E_min/B integrates, to be compared with B_crit).
+    - `b_simple_init`: the median over the runs of B_simple at initialisation.
+    """
+    out = {"b_simple": math.nan, "b_simple_se": math.nan, "b_simple_resolved": False, "b_simple_lower": math.nan,
+           "b_simple_n": 0, "b_simple_unresolved_runs": 0, "b_simple_min": math.nan, "b_simple_max": math.nan,
+           "b_simple_batch_sizes": "", "b_simple_runs": "", "b_simple_path": math.nan,
+           "b_simple_path_min": math.nan, "b_simple_path_max": math.nan, "b_simple_init": math.nan}
+    if hit.empty:
+        return out
+    numeric = {c: pd.to_numeric(hit[c], errors="coerce").to_numpy(dtype=float) if c in hit.columns
+               else np.full(len(hit), np.nan) for c in ("b_simple", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
+                                                        "trace_sigma_se", "noise_cov", "b_simple_path", "b_simple_init")}
+    g, g_se, t, t_se, cov = (numeric[c] for c in ("grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
+                                                  "trace_sigma_se", "noise_cov"))
+    usable = np.isfinite(g) & np.isfinite(g_se) & (g_se > 0) & np.isfinite(t) & np.isfinite(t_se)
+    if usable.any():
+        w = 1.0 / g_se[usable] ** 2
+        total = w.sum()
+        pooled_g, pooled_t = (w * g[usable]).sum() / total, (w * t[usable]).sum() / total
+        var_g = (w ** 2 * g_se[usable] ** 2).sum() / total ** 2
+        var_t = (w ** 2 * t_se[usable] ** 2).sum() / total ** 2
+        cov_gt = (w ** 2 * np.nan_to_num(cov[usable])).sum() / total ** 2
+        resolved = pooled_g > 2 * math.sqrt(var_g)
+        if pooled_g > 0:
+            b = pooled_t / pooled_g
+            out["b_simple"] = b
+            out["b_simple_se"] = abs(b) * math.sqrt(max(var_t / pooled_t ** 2 + var_g / pooled_g ** 2
+                                                        - 2 * cov_gt / (pooled_t * pooled_g), 0.0))
+        out["b_simple_resolved"] = bool(resolved)
+        out["b_simple_lower"] = pooled_t / (pooled_g + 2 * math.sqrt(var_g)) if pooled_g + 2 * math.sqrt(var_g) > 0 \
+            else math.nan
+        out["b_simple_unresolved_runs"] = int((g[usable] <= 2 * g_se[usable]).sum())
+        chosen = usable
+    else:  # a plain table: b_simple only
+        chosen = np.isfinite(numeric["b_simple"]) & (numeric["b_simple"] > 0)
+        if chosen.any():
+            out["b_simple"] = float(np.median(numeric["b_simple"][chosen]))
+            out["b_simple_resolved"] = True
+    per_run = numeric["b_simple"][chosen]
+    per_run = per_run[np.isfinite(per_run) & (per_run > 0)]
+    if per_run.size:
+        out["b_simple_min"], out["b_simple_max"] = float(per_run.min()), float(per_run.max())
+    out["b_simple_n"] = int(chosen.sum())
+    out["b_simple_batch_sizes"] = " ".join(f"{b:g}" for b in hit["batch_size"].to_numpy()[chosen])
+    if "run_name" in hit.columns:
+        out["b_simple_runs"] = ";".join(str(r) for r in hit["run_name"].to_numpy()[chosen])
+    path = numeric["b_simple_path"][np.isfinite(numeric["b_simple_path"]) & (numeric["b_simple_path"] > 0)]
+    if path.size:
+        out["b_simple_path"] = float(np.median(path))
+        out["b_simple_path_min"], out["b_simple_path_max"] = float(path.min()), float(path.max())
+    init = numeric["b_simple_init"][np.isfinite(numeric["b_simple_init"])]
+    if init.size:
+        out["b_simple_init"] = float(np.median(init))
+    return out
 
 
 def _grid_factor(hit: pd.DataFrame) -> float:
@@ -533,13 +718,22 @@ def _lr_fit_for(hit: pd.DataFrame, level: float, grid_factor: float) -> LrFit:
                         grid_factor=grid_factor if np.isfinite(grid_factor) else None)
 
 
-def _goal_warnings(fit: TradeoffFit, hit: pd.DataFrame, missed: list, lr_fit: LrFit) -> list[str]:
+def _goal_warnings(fit: TradeoffFit, hit: pd.DataFrame, missed: list, lr_fit: LrFit, row: dict,
+                   min_steps: float) -> list[str]:
     notes = []
+    if row.get("censored_at"):
+        notes.append(f"met before the first valid measurement at B={row['censored_at'].replace(' ', ',')}: "
+                     "steps unknown (censored), not fitted (harder goals or a smaller smoothing.min_examples "
+                     "resolve them)")
+    if row.get("too_few_steps_at"):
+        notes.append(f"reached in fewer than {min_steps:g} steps at B={row['too_few_steps_at'].replace(' ', ',')}: "
+                     "not fitted (resolved to worse than 5%: prefer harder goals)")
     n_b = hit["batch_size"].nunique()
     if n_b == 0:
-        return ["no run reached this goal: raise the budget or drop the goal"]
+        return notes + ["no run reached this goal: raise the budget or drop the goal" if not row.get("censored_at")
+                        and not row.get("too_few_steps_at") else "no point to fit"]
     if n_b < FEW_BATCH_SIZES:
-        notes.append(f"reached by only {n_b} batch size(s): "
+        notes.append(f"fitted on only {n_b} batch size(s): "
                      + (f"no fit (it needs at least {MIN_BATCH_SIZES_FOR_FIT})" if n_b < MIN_BATCH_SIZES_FOR_FIT
                         else "the fit rests on few points"))
     if missed:
@@ -562,10 +756,16 @@ def _goal_warnings(fit: TradeoffFit, hit: pd.DataFrame, missed: list, lr_fit: Lr
         lo, hi = fit.b_crit_ci
         if np.isfinite(lo) and hi / lo > WIDE_INTERVAL:
             notes.append(f"B_crit interval is wide ({_fmt(lo)}..{_fmt(hi)})")
-    coarse = hit.loc[hit["steps"] < MIN_RESOLVED_STEPS, "batch_size"]
-    if len(coarse):
-        notes.append(f"reached in fewer than {MIN_RESOLVED_STEPS} steps at B=" + ",".join(f"{b:g}" for b in coarse)
-                     + ": so few steps are barely resolved, prefer harder goals")
+    if row.get("b_simple_n") and not row.get("b_simple_resolved"):
+        notes.append(f"|G|^2 not resolved at this goal (pooled over {row['b_simple_n']} runs): B_simple is "
+                     f"at least {_fmt(row['b_simple_lower'])} (measure more often with noise_scale.every, or "
+                     "add larger batch sizes)")
+    elif hit.shape[0] and not row.get("b_simple_n") and "b_simple" in hit.columns:
+        notes.append("no best run measured B_simple at this goal")
+    grid_factor = row.get("lr_grid_factor", math.nan)
+    if np.isfinite(grid_factor) and grid_factor > COARSE_LR_GRID:
+        notes.append(f"lr grid a factor {grid_factor:.2g} apart: the best lr's steps overstate S by up to "
+                     f"tens of % (use a grid at most {COARSE_LR_GRID:.3g} apart around the best lr)")
     if lr_fit.identified and {"lr_grid_min"} <= set(hit.columns):
         position = (hit["lr"] / hit["lr_grid_min"]).to_numpy(dtype=float)
         if len(position) >= MIN_BATCH_SIZES_FOR_FIT and np.allclose(position, position[0], rtol=1e-3):

@@ -246,6 +246,8 @@ class Training:
         self.goal_index = self.goal_source.names.index(metric.removeprefix("train_") if metric.startswith("train_")
                                                        and self.goal_source is self.smoothed else metric)
         self.goals = GoalCrossings(config.goals.thresholds, members, device)
+        # the curve column of the smoothed goal metric, which the no-progress rule watches
+        self.goal_key = f"smoothed_{metric}" if self.goal_source is self.evaluated else metric
         self.noise = NoiseMeasurements(B // self.k, B, ns.every, ns.relative_window, smoothing.min_examples / B)
         with untouched(self.step_fn.module(0), device):
             initial_loss = initial_mean_loss(self.step_fn, Batches(task, B, "with_replacement", config.seed + 7_919,
@@ -323,7 +325,7 @@ class Training:
             if self.step_fn.failure:
                 book.record["summary"].update(cuda_graphs=False, cuda_graph_failure=self.step_fn.failure)
             book.log(step, now, {**metrics, **evaluated[i], **smoothed_eval[i]}, crossed[i])
-            outcome = stop_reason(book, step, now)
+            outcome = stop_reason(book, step, now, self.goal_key)
             if outcome is not None:
                 book.finish(*outcome)
             else:
@@ -341,7 +343,8 @@ class Training:
         return bool(keep)
 
 
-def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None], packed: bool | None = None) -> list[dict]:
+def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None], packed: bool | None = None,
+               guard=None) -> list[dict]:
     """Train runs that differ at most in their learning rate together and return their records
     (each also written to out_dir/record.json). One run trains as a plain model; several as one
     packed model (critbatch.packed), unless `packed=False` (then they must be one run)."""
@@ -353,7 +356,7 @@ def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None
         from critbatch.packed import check_packable
         check_packable(configs)
     task = configs[0].validate()
-    books = [RunBook(c, d) for c, d in zip(configs, out_dirs)]
+    books = [RunBook(c, d, guard=guard) for c, d in zip(configs, out_dirs)]  # guard: see RunBook.save
     try:
         Training(configs, task, books, packed).run()
     except Exception as exc:
