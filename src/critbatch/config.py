@@ -53,6 +53,7 @@ class NoiseScaleConfig:
     # smoothing.min_examples examples), so that at a goal it is the noise scale of the parameters
     # that reached it, in a short run as in a long one.
     relative_window: float = 0.1
+    min_examples: int = 512    # ... and never fewer examples than this
     # B_simple at initialisation: measured before training on batches of init_batch_size (or B if
     # larger), until its standard error is below init_precision of it (at most INIT_MAX_BATCHES).
     init_batch_size: int = 512
@@ -163,11 +164,11 @@ class RunConfig:
         ns = self.noise_scale
         if not isinstance(ns.enabled, bool):
             raise ConfigError(f"noise_scale.enabled={ns.enabled!r} must be true or false")
-        for name in ("every", "micro_batches", "init_batch_size"):
+        for name in ("every", "micro_batches", "init_batch_size", "min_examples"):
             value = getattr(ns, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (2 if name == "micro_batches" else 1):
-                raise ConfigError(f"noise_scale.{name}={value!r} must be an integer >= "
-                                  f"{2 if name == 'micro_batches' else 1}")
+            least = {"micro_batches": 2, "min_examples": 0}.get(name, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"noise_scale.{name}={value!r} must be an integer >= {least}")
         if ns.enabled and ns.micro_batches > self.batch_size:
             raise ConfigError(f"noise_scale.micro_batches={ns.micro_batches} exceeds batch_size={self.batch_size}: "
                               "the noise scale needs at least two micro-batches of one example or more; "

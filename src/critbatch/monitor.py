@@ -184,7 +184,7 @@ class RunBook:
         self.config, self.guard = config, guard  # guard(): False when this writer no longer owns the run
         self.path = Path(out_dir) / records.RECORD_FILE if out_dir is not None else None
         ns, B = config.noise_scale, config.batch_size
-        self.noise = NoiseScale(relative_window=ns.relative_window, min_window=config.smoothing.min_examples / B)
+        self.noise = NoiseScale(relative_window=ns.relative_window, min_window=ns.min_examples / B)
         self.ideal = IdealSteps(B)
         self.record = records.new_record(config.to_dict())
         self.record["summary"].update(host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__,

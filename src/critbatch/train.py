@@ -248,7 +248,7 @@ class Training:
         self.goals = GoalCrossings(config.goals.thresholds, members, device)
         # the curve column of the smoothed goal metric, which the no-progress rule watches
         self.goal_key = f"smoothed_{metric}" if self.goal_source is self.evaluated else metric
-        self.noise = NoiseMeasurements(B // self.k, B, ns.every, ns.relative_window, smoothing.min_examples / B)
+        self.noise = NoiseMeasurements(B // self.k, B, ns.every, ns.relative_window, ns.min_examples / B)
         with untouched(self.step_fn.module(0), device):
             initial_loss = initial_mean_loss(self.step_fn, Batches(task, B, "with_replacement", config.seed + 7_919,
                                                                    device), smoothing.min_examples)
