@@ -1,8 +1,10 @@
 """What one job runs: a group of runs, one after another, each leaving its record.
 
 Runs in the worker (a SLURM array task, a local subprocess, or in-process). It skips runs whose
-records are already complete, so a relaunch or a requeued job never recomputes them, and it turns
-SIGTERM (scancel, preemption, the time limit) into a "failed" record instead of a silent gap.
+records are already complete, so a relaunch or a requeued job never recomputes them. SIGTERM
+(scancel, preemption) and SIGUSR2 (submitit's warning before the time limit) stop the run being
+trained at a step boundary with its whole state checkpointed; the job is requeued (SIGUSR2) or
+a relaunch resumes it, losing at most the steps since the signal.
 
 Each run has one owner (sweeps/lease.py): a job trains a run only after claiming its lease, skips
 runs that another live launch or job owns ("running elsewhere"), writes the record only while it
@@ -17,10 +19,12 @@ import signal
 import traceback
 from pathlib import Path
 
+import submitit
+
 from critbatch import records
 from critbatch.config import ConfigError, RunConfig
 from critbatch.packed import pack_key, packable
-from critbatch.train import train_pack
+from critbatch.train import Interrupt, Interrupted, train_pack
 from sweeps.lease import Lease, read_lease
 
 RUNNING_ELSEWHERE = "running elsewhere"
@@ -28,12 +32,8 @@ LOST = "taken over by another job"  # this job stalled past the lease's stalenes
 
 
 class JobKilled(Exception):
-    """The job was sent SIGTERM (cancelled, preempted or out of time)."""
-
-
-def _raise_killed(signum, frame):
-    raise JobKilled(f"job received signal {signal.Signals(signum).name} "
-                    f"(cancelled, preempted or out of time); relaunch the sweep to rerun this run")
+    """The job was sent SIGTERM (cancelled, preempted or out of time); the run it trained was
+    checkpointed, and a relaunch resumes it."""
 
 
 def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], bool]]:
@@ -63,8 +63,9 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
     return [(chunk, packed and len(chunk) > 1) for chunk, packed in chunks]
 
 
-def _train_pack(sweep_dir: str, pack: list[dict], packed: bool, guard=None) -> list[dict]:
-    return train_pack(pack, [records.run_dir(sweep_dir, c) for c in pack], packed=packed, guard=guard)
+def _train_pack(sweep_dir: str, pack: list[dict], packed: bool, guard=None, interrupt=None) -> list[dict]:
+    return train_pack(pack, [records.run_dir(sweep_dir, c) for c in pack], packed=packed, guard=guard,
+                      interrupt=interrupt)
 
 
 def _failed(name: str, error: str, tb: str | None = None) -> dict:
@@ -106,7 +107,7 @@ def _claim(sweep_dir: str, pack: list[dict], owned: list[dict], held: list[Lease
     return others
 
 
-def _run_pack(sweep_dir: str, pack: list[dict], packed: bool) -> list[dict]:
+def _run_pack(sweep_dir: str, pack: list[dict], packed: bool, interrupt: Interrupt | None = None) -> list[dict]:
     owned, held, summaries = [], [], []
     error = "the job ended before the run's record was final"
     try:
@@ -116,10 +117,10 @@ def _run_pack(sweep_dir: str, pack: list[dict], packed: bool) -> list[dict]:
         for lease in held:
             lease.log("train")
         for record in _train_pack(sweep_dir, owned, packed and len(owned) > 1,
-                                  guard=lambda: all(lease.holds() for lease in held)):
+                                  guard=lambda: all(lease.holds() for lease in held), interrupt=interrupt):
             summaries.append({"run": record["run_name"], "status": record["status"], "skipped": False,
                               "path": record["summary"].get("path")})
-    except JobKilled as exc:
+    except (JobKilled, Interrupted) as exc:
         error = str(exc)
         raise
     except records.NotOwner as exc:  # another job took a run over: it is its record now
@@ -146,13 +147,18 @@ def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
 
     Returns one summary per run: name, status ("running elsewhere" for a run owned elsewhere) and
     whether it was skipped. A run (or pack) that raises is recorded as failed and the group goes
-    on with the next one; a kill ends the group.
+    on with the next one. SIGTERM (cancelled, preempted) or SIGUSR2 (submitit's warning before the
+    time limit) stop training at the next step boundary with its state saved in the run's
+    checkpoint; a relaunch, or the job submitit requeues after SIGUSR2, resumes from there.
     """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    previous = signal.signal(signal.SIGTERM, _raise_killed)
+    interrupt = Interrupt()
+    # submitit's own SIGUSR2 handler checkpoints the job and requeues it: called once the
+    # training state is saved (handling it mid-step would save a half-updated state)
+    requeue = signal.getsignal(signal.SIGUSR2)
     summaries, todo = [], []
     for config in configs:
         config = RunConfig.from_dict(config).to_dict()  # complete, so its directory names the run
@@ -161,12 +167,19 @@ def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
             summaries.append({"run": name, "status": "skipped (complete)", "skipped": True})
         else:
             todo.append(config)
-    try:
-        for pack, packed in packs(todo, packing):
-            summaries += _run_pack(sweep_dir, pack, packed)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return summaries
+    with interrupt.handling((signal.SIGTERM, signal.SIGUSR2)):
+        try:
+            for pack, packed in packs(todo, packing):
+                summaries += _run_pack(sweep_dir, pack, packed, interrupt)
+                if interrupt.requested:
+                    raise Interrupted(f"{interrupt.requested} between runs")
+        except Interrupted as exc:
+            stopped = exc
+        else:
+            return summaries
+    if interrupt.requested == "SIGUSR2" and callable(requeue):
+        requeue(signal.SIGUSR2, None)  # checkpoint (GroupJob.checkpoint) and requeue; exits
+    raise JobKilled(f"job received {interrupt.requested} (cancelled, preempted or out of time): {stopped}")
 
 
 def job_threads() -> int | None:
@@ -175,8 +188,15 @@ def job_threads() -> int | None:
     return int(cpus) if cpus else None
 
 
-def run_group_job(sweep_dir: str, configs: list[dict], threads: int | None = None,
-                  packing: dict | None = None) -> list[dict]:
-    """Entry point for submitted jobs (submitit pickles this function by reference)."""
-    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    return run_group(sweep_dir, configs, threads=threads or job_threads(), packing=packing)
+class GroupJob(submitit.helpers.Checkpointable):
+    """What a submitted job runs: run_group over its configs. Checkpointable in submitit's sense:
+    before the time limit (or on preemption) submitit requeues the same job, which skips the runs
+    already complete and resumes the interrupted one from its checkpoint."""
+
+    def __call__(self, sweep_dir: str, configs: list[dict], threads: int | None = None,
+                 packing: dict | None = None) -> list[dict]:
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        return run_group(sweep_dir, configs, threads=threads or job_threads(), packing=packing)
+
+
+run_group_job = GroupJob()  # submitit pickles it and calls it in the job

@@ -199,10 +199,14 @@ def make_executor(sweep_dir: Path, launcher: dict):
         executor.update_parameters(timeout_min=launcher.get("timeout_min", 60),
                                    cpus_per_task=launcher.get("cpus_per_task", 1))
         return executor
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    # max_requeues: how often a job that reaches its time limit is checkpointed and requeued
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                     slurm_max_num_timeout=launcher.get("max_requeues", 3))
     params = {"timeout_min": launcher["timeout_min"], "cpus_per_task": launcher["cpus_per_task"],
               "mem_gb": launcher["mem_gb"], "slurm_array_parallelism": launcher["array_parallelism"],
-              "name": launcher.get("job_name") or "critbatch"}
+              "name": launcher.get("job_name") or "critbatch",
+              # SIGUSR2 this long before the time limit: the run checkpoints and the job requeues
+              "slurm_signal_delay_s": launcher.get("signal_delay_s", 90)}
     if launcher.get("gpus_per_node"):
         params["gpus_per_node"] = launcher["gpus_per_node"]
     for key in ("partition", "account", "qos", "constraint"):

@@ -166,6 +166,20 @@ class PackedStep(TrainSteps):
         self.optimizer.keep(members)
         self._loaded = None
 
+    def state_dict(self) -> dict:
+        opt = self.optimizer
+        return {"params": self.packed.params, "buffers": self.packed.buffers,
+                "optimizer": {"lrs": opt.lrs, "steps": opt.steps, "state": opt.state}}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.optimizer.lrs.device
+        self.packed.params = {k: v.to(device) for k, v in state["params"].items()}
+        self.packed.buffers = {k: v.to(device) for k, v in state["buffers"].items()}
+        opt = state["optimizer"]
+        self.optimizer.lrs, self.optimizer.steps = opt["lrs"].to(device), opt["steps"].to(device)
+        self.optimizer.state = {name: {k: v.to(device) for k, v in s.items()} for name, s in opt["state"].items()}
+        self._loaded = None
+
 
 def packable(config: RunConfig | dict) -> bool:
     """Whether this run's model can train packed; decided from the architecture alone (built on

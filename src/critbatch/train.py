@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from critbatch import records
 from critbatch.config import ConfigError, RunConfig
 from critbatch.cuda_graphs import TrainSteps, use_cuda_graphs
 from critbatch.gns import NoiseScale, micro_batch_sq_norms
@@ -172,6 +177,13 @@ class PlainStep(TrainSteps):
     def keep(self, members: torch.Tensor) -> None:
         """A pack of one never shrinks: it ends with its run."""
 
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
 
 @torch.no_grad()
 def initial_mean_loss(step, batches: Batches, min_examples: int) -> float:
@@ -217,12 +229,49 @@ def untouched(model: nn.Module, device: torch.device):
             b.copy_(buffers[name])
 
 
-class Training:
-    """The runs of one pack (one run, or runs that differ only in lr) from set-up to their records."""
+class Interrupted(Exception):
+    """Training stopped at a step boundary because a signal asked it to (Interrupt); its state is
+    in the checkpoint, from which the run resumes."""
 
-    def __init__(self, configs: list[RunConfig], task: Task, books: list[RunBook], packed: bool):
+
+class Interrupt:
+    """A flag that signal handlers set and the training loop reads at the next step boundary, where
+    its state is consistent: a handler that saved or stopped mid-step would leave the parameters
+    updated and the step count not. `handling(signals)` installs such handlers for a block."""
+
+    def __init__(self):
+        self.requested: str | None = None  # the name of the signal received
+
+    def request(self, signum, frame=None) -> None:
+        self.requested = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def handling(self, signals):
+        previous = {sig: signal.signal(sig, self.request) for sig in signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+class Training:
+    """The runs of one pack (one run, or runs that differ only in lr) from set-up to their records.
+
+    `checkpoint_dir`: where the whole training state is saved every log.checkpoint_seconds and
+    when `interrupt` is requested (and from where `resume` came); a resumed run continues exactly
+    as its uninterrupted twin would have."""
+
+    def __init__(self, configs: list[RunConfig], task: Task, books: list[RunBook], packed: bool,
+                 checkpoint_dir: str | Path | None = None, interrupt: Interrupt | None = None,
+                 resume: dict | None = None):
         setup_start = time.perf_counter()
         config = self.config = configs[0]
+        self.packed = packed
         self.task, self.books = task, list(books)
         self.device = device = pick_device(config.device)
         B, ns, smoothing = config.batch_size, config.noise_scale, config.smoothing
@@ -249,6 +298,26 @@ class Training:
         # the curve column of the smoothed goal metric, which the no-progress rule watches
         self.goal_key = f"smoothed_{metric}" if self.goal_source is self.evaluated else metric
         self.noise = NoiseMeasurements(B // self.k, B, ns.every, ns.relative_window, ns.min_examples / B)
+        self.step = 0
+        self.last_evaluation: int | None = None   # the step of the latest evaluation
+        self.last_scheduled: int | None = None    # ... and of the latest one on the evaluation schedule
+        self.latest_evaluation: list[dict] = [{} for _ in configs]
+        self.next_log, self.next_eval = 0, 0 if self.goal_source is self.evaluated else -1
+        self.elapsed = 0.0  # seconds of training so far
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.interrupt, self._last_checkpoint = interrupt, time.perf_counter()
+        if resume is not None:
+            self.load_state_dict(resume)
+        else:
+            self._measure_start(packed, graphs, setup_start)
+        self.log_schedule = log_steps(config.log.relative_interval, start=self.next_log)
+        self.eval_schedule = log_steps(smoothing.eval_relative_interval, start=self.next_eval) \
+            if self.goal_source is self.evaluated else None
+
+    def _measure_start(self, packed: bool, graphs: bool, setup_start: float) -> None:
+        """The initial model's loss (the reference for divergence) and noise scale, into every book."""
+        config, task, device, members = self.config, self.task, self.device, len(self.books)
+        B, smoothing = config.batch_size, config.smoothing
         with untouched(self.step_fn.module(0), device):
             initial_loss = initial_mean_loss(self.step_fn, Batches(task, B, "with_replacement", config.seed + 7_919,
                                                                    device), smoothing.min_examples)
@@ -258,18 +327,15 @@ class Training:
                          packed_members=members, noise_micro_batches=self.k, cuda_graphs=graphs,
                          noise_measurement=self.step_fn.noise_measurement,
                          setup_seconds=time.perf_counter() - setup_start)
-        self.step = 0
-        self.last_evaluation: int | None = None   # the step of the latest evaluation
-        self.last_scheduled: int | None = None    # ... and of the latest one on the evaluation schedule
-        self.latest_evaluation: list[dict] = [{} for _ in configs]
-        self.log_schedule = log_steps(config.log.relative_interval)
-        self.eval_schedule = log_steps(smoothing.eval_relative_interval) if self.goal_source is self.evaluated else None
-        self.next_log, self.next_eval = 0, 0 if self.eval_schedule is not None else -1
-        self.elapsed = 0.0  # seconds of training so far
 
     def run(self) -> None:
         config, start = self.config, time.perf_counter() - self.elapsed
         while True:
+            if self.interrupt is not None and self.interrupt.requested:  # a step boundary: state consistent
+                self.elapsed = time.perf_counter() - start
+                self.save_checkpoint()
+                raise Interrupted(f"{self.interrupt.requested} at step {self.step}; the state is saved in "
+                                  f"{self.checkpoint_path} and a relaunch resumes from it")
             # ---- evaluated metrics (a goal's, densely; the curve's, at logged steps) ----
             if self.step in (self.next_eval, self.next_log):
                 self.evaluate()
@@ -340,15 +406,102 @@ class Training:
             self.step_fn.reset()
         while self.next_log <= step:
             self.next_log = next(self.log_schedule)
+        if keep and time.perf_counter() - self._last_checkpoint > self.config.log.checkpoint_seconds:
+            self.save_checkpoint()
         return bool(keep)
+
+    # ---- checkpoints: the whole state, so that a resumed run continues exactly as it would have ----
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_FILE
+
+    def save_checkpoint(self) -> None:
+        self._last_checkpoint = time.perf_counter()
+        if self.checkpoint_path is None:
+            return
+        self.noise.flush(self.books)  # measurements pending on the device go into the books first
+        state = self.state_dict()
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_path.parent, prefix=".checkpoint.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            os.replace(tmp, self.checkpoint_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for book in self.books:  # the records say how far the checkpoint got
+            book.save()
+
+    def state_dict(self) -> dict:
+        cuda = self.device.type == "cuda"
+        sampler = self.batches.sampler
+        return {
+            "version": CHECKPOINT_VERSION, "members": [book.record["run_id"] for book in self.books],
+            "packed": self.packed,
+            "step": self.step, "next_log": self.next_log, "next_eval": self.next_eval, "elapsed": self.elapsed,
+            "last_evaluation": self.last_evaluation, "last_scheduled": self.last_scheduled,
+            "latest_evaluation": self.latest_evaluation,
+            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None},
+            "batches": {"generator": self.batches.generator.get_state(),
+                        "order": None if sampler is None else sampler._order.cpu()},
+            "step_fn": self.step_fn.state_dict(), "smoothed": self.smoothed.state_dict(),
+            "evaluated": self.evaluated.state_dict(), "goals": self.goals.state_dict(),
+            "noise": self.noise.state_dict(), "books": [book.state_dict() for book in self.books],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("step", "next_log", "next_eval", "elapsed", "last_evaluation", "last_scheduled",
+                    "latest_evaluation"):
+            setattr(self, key, state[key])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.batches.generator.set_state(state["batches"]["generator"])
+        if self.batches.sampler is not None:
+            self.batches.sampler._order = state["batches"]["order"].to(self.device)
+        self.step_fn.load_state_dict(state["step_fn"])
+        self.step_fn.reset()  # graphs captured on other tensors
+        for part in ("smoothed", "evaluated", "goals", "noise"):
+            getattr(self, part).load_state_dict(state[part])
+        for book, book_state in zip(self.books, state["books"]):
+            book.load_state_dict(book_state)
+            book.record["summary"].setdefault("resumed_at", []).append(self.step)
+
+
+def find_checkpoint(configs: list[RunConfig], out_dirs: list) -> tuple[Path | None, dict | None]:
+    """The checkpoint of exactly these runs (the members still training when it was saved), if any
+    of their directories holds one: (its directory, its state). A checkpoint of another set of runs
+    (the grid was regrouped) is not used, and training starts afresh."""
+    ids = [records.run_id(c.to_dict()) for c in configs]
+    for out_dir in out_dirs:
+        path = None if out_dir is None else Path(out_dir) / CHECKPOINT_FILE
+        if path is None or not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torn or foreign: training starts afresh, the record says why
+            warnings.warn(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); starting afresh")
+            continue
+        if state.get("version") == CHECKPOINT_VERSION and state.get("members") == ids and "packed" in state:
+            return path.parent, state
+    return None, None
 
 
 def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None], packed: bool | None = None,
-               guard=None) -> list[dict]:
+               guard=None, interrupt: Interrupt | None = None) -> list[dict]:
     """Train runs that differ at most in their learning rate together and return their records
     (each also written to out_dir/record.json). One run trains as a plain model; several as one
-    packed model (critbatch.packed), unless `packed=False` (then they must be one run)."""
+    packed model (critbatch.packed), unless `packed=False` (then they must be one run).
+
+    The whole state is saved to out_dir/checkpoint.pt (the first run's) every
+    log.checkpoint_seconds and when `interrupt` is requested (training then raises Interrupted);
+    called again with the same runs, training resumes from it. `guard`: see RunBook.save."""
     configs = [RunConfig.from_dict(c) if isinstance(c, dict) else c for c in configs]
+    resume_dir, state = find_checkpoint(configs, out_dirs)
+    if state is not None:  # a pack that shrank to one member resumes packed, as it was saved
+        packed = state["packed"]
     packed = len(configs) > 1 if packed is None else packed
     if len(configs) > 1 and not packed:
         raise ConfigError("train_pack: several runs train together only packed (packed=True)")
@@ -357,13 +510,20 @@ def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None
         check_packable(configs)
     task = configs[0].validate()
     books = [RunBook(c, d, guard=guard) for c, d in zip(configs, out_dirs)]  # guard: see RunBook.save
+    checkpoint_dir = resume_dir or next((d for d in out_dirs if d is not None), None)
     try:
-        Training(configs, task, books, packed).run()
+        training = Training(configs, task, books, packed, checkpoint_dir, interrupt, resume=state)
+        training.run()
+    except Interrupted:
+        raise
     except Exception as exc:
         for book in books:
             if not book.finished:
                 book.fail(exc)
         raise
+    for out_dir in out_dirs:  # every run is over: nothing to resume
+        if out_dir is not None:
+            (Path(out_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
     return [book.record for book in books]
 
 
