@@ -1,11 +1,16 @@
 """Pareto fronts, the steps/examples tradeoff fit, B_crit against B_simple, and the paper's plots.
 
     python -m analysis.pareto SWEEP_DIR [--out DIR]         # from run records (docs/records.md)
+    python -m analysis.pareto DIR1 DIR2 ... --out DIR       # several sweeps, compared
     python -m analysis.pareto --from-csv FILE [--out DIR]   # from a table: goal, batch_size, steps
                                                             #   [, lr, examples, b_simple, reached]
 
 Writes CSV tables, summary.md (also printed) and figures/*.png|pdf to --out (default
 SWEEP_DIR/analysis, or FILE's folder/<stem>_analysis). docs/analysis.md describes every output.
+Runs are fitted per experiment: per sweep (the directory a run belongs to) and variant (a hash of
+every setting but batch size, lr and seed), task and optimizer; runs of different variants are
+never pooled, and a folder that mixes them is named in a warning. With several experiments,
+figures/compare_sweeps shows them side by side.
 Bad input gives `error: ...` on stderr and exit status 2; warnings about the data are printed
 and kept in the tables, and the report says what it can.
 """
@@ -151,18 +156,21 @@ def read_measurements_csv(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     return df, notes
 
 
-def load_records(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """critbatch.records.load_sweep, with its problems turned into notes and errors explained."""
+def load_records(sweep_dirs) -> tuple[pd.DataFrame, list[str]]:
+    """critbatch.records.load_sweep of one sweep directory or several, with its problems turned
+    into notes and errors explained."""
     from critbatch import records
 
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise AnalysisError(f"{sweep_dir}: no such directory (give the sweep directory that holds runs/)")
+    dirs = [Path(d) for d in ([sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else sweep_dirs)]
+    for sweep_dir in dirs:
+        if not sweep_dir.is_dir():
+            raise AnalysisError(f"{sweep_dir}: no such directory (give the sweep directory that holds runs/)")
+    sweep_dir = dirs[0] if len(dirs) == 1 else ", ".join(map(str, dirs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # each problem is in attrs["problems"]; we print them once
-        df = records.load_sweep(sweep_dir)
+        df = records.load_sweep(dirs)
     problems = df.attrs.get("problems", [])
-    notes = [f"{p['path']}: {p['problem']}" for p in problems]
+    notes = list(df.attrs.get("notes", [])) + [f"{p['path']}: {p['problem']}" for p in problems]
     if df.empty:
         if problems:
             listed = "\n  ".join(notes[:_MAX_LISTED]) + (
@@ -189,9 +197,15 @@ def analyse(runs: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0,
     return Analysis(runs=runs, cand=cand, best=best, fits=fits, notes=list(notes or []))
 
 
+#: what tells one experiment from another: sweep and variant where the input holds several
+EXPERIMENT_KEYS = ("sweep", "variant")
+
+
 def _combos(frame: pd.DataFrame) -> list[tuple[dict, pd.Series]]:
-    """(task, optimizer) groups present, each as ({key: value}, row mask)."""
-    keys = [k for k in ("task", "optimizer") if k in frame.columns]
+    """The experiments present, each as ({key: value}, row mask): (task, optimizer), and sweep
+    and variant where the frame holds more than one (tradeoff.GROUP_KEYS fits them apart)."""
+    keys = [k for k in EXPERIMENT_KEYS if k in frame.columns and frame[k].nunique(dropna=False) > 1]
+    keys += [k for k in ("task", "optimizer") if k in frame.columns]
     if not keys:
         return [({}, pd.Series(True, index=frame.index))]
     out = []
@@ -239,9 +253,9 @@ def render_summary(a: Analysis, source: str, files: list[Path], figure_notes: li
              + ("; in parentheses the interval from resampling the seeds of every (B, lr) and picking "
                 "the best lr again (seed-to-seed noise and the winner's curse included)." if seeds else
                 "; in parentheses a residual-bootstrap interval." if boot else "."),
-             "B_simple at the goal: pooled over the fitted best runs (their |G|^2 and tr(Sigma) estimates "
-             "weighted by 1/se(|G|^2)^2), ± its standard error, or a lower bound where |G|^2 is not "
-             "resolved; path: B_simple averaged along the path to the goal (median over the best runs), "
+             "B_simple at the goal: the median over the runs of the fitted best cells (all seeds), each "
+             "probed at the parameters that crossed the goal, with a 95% bootstrap interval, or a lower "
+             "bound where |G|^2 is not resolved; path: B_simple averaged along the path to the goal (median over the best runs), "
              "the quantity B_crit is to be compared with; init: at initialisation. The runs are named in "
              "tradeoff_fits.csv (b_simple_runs).", ""]
     for sel, _ in _combos(a.fits):
@@ -257,9 +271,9 @@ def render_summary(a: Analysis, source: str, files: list[Path], figure_notes: li
             elif boot and np.isfinite(f["b_crit_boot_low"]):
                 b_crit += f" ({_g(f['b_crit_boot_low'])}, {_g(f['b_crit_boot_high'])})"
             if f["b_simple_n"] and not f["b_simple_resolved"]:
-                b_simple = f"≥ {_g(f['b_simple_lower'])} (not resolved)"
+                b_simple = f"≥ {_g(f['b_simple'])} (not resolved)"
             else:
-                b_simple = _g(f["b_simple"]) + (f" ± {_g(f['b_simple_se'])}" if np.isfinite(f["b_simple_se"]) else "")
+                b_simple = _g(f["b_simple"]) + " " + _interval(f["b_simple_low"], f["b_simple_high"])
             b_noise = _g(f["lr_b_noise"]) + " " + _interval(f["lr_b_noise_low"], f["lr_b_noise_high"])
             rows.append([f["goal"], f["n_batch_sizes"], _g(f["s_min"]) + " " + _interval(f["s_min_low"], f["s_min_high"]),
                          _g(f["e_min"]) + " " + _interval(f["e_min_low"], f["e_min_high"]), b_crit,
@@ -364,7 +378,56 @@ def draw_figures(a: Analysis, out_dir: Path, curves_for, goal: str | None = None
         thresholds = fits["goal_threshold"].tolist() if "goal_threshold" in fits else []
         files += plots.save_figure(plots.training_curves(curves, best, focus, metric, thresholds, sub),
                                    fig_dir, "training_curves" + suffix)
+    if len(combos) > 1:
+        files += plots.save_figure(compare_sweeps(a, combos), fig_dir, "compare_sweeps")
     return files, skipped
+
+
+def compare_sweeps(a: Analysis, combos) -> "plots.Figure":
+    """Several experiments in one figure: B_crit per goal (with its interval) and, at the hardest
+    goal that every experiment fitted (else each one's hardest), the steps to reach it against B
+    with the fitted S = S_min (1 + B_crit/B); one colour per experiment, labelled by what tells
+    them apart (sweep / variant / task / optimizer)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    fitted = [set(_select(a.fits, sel).query("identified")["goal"]) for sel, _ in combos]
+    common = set.intersection(*fitted) if fitted else set()
+    order = list(dict.fromkeys(a.fits["goal"]))
+    shared = [g for g in order if g in common]
+    for i, (sel, _) in enumerate(combos):
+        color, label = f"C{i % 10}", " / ".join(str(v) for v in sel.values())
+        fits, best = _select(a.fits, sel), _select(a.best, sel)
+        ok = fits[fits["identified"].astype(bool)]
+        x = np.array([order.index(g) for g in ok["goal"]]) + (i - (len(combos) - 1) / 2) * 0.08
+        if len(ok):
+            err = np.vstack([ok["b_crit"] - ok["b_crit_low"], ok["b_crit_high"] - ok["b_crit"]])
+            left.errorbar(x, ok["b_crit"], yerr=np.where(np.isfinite(err), err, 0), fmt="o-", color=color,
+                          capsize=3, label=label)
+        goal = shared[-1] if shared else (ok["goal"].iloc[-1] if len(ok) else None)
+        if goal is None:
+            continue
+        hit = best[(best["goal"] == goal) & best["reached"] & ~best["censored"].astype(bool)]
+        right.plot(hit["batch_size"], hit["steps"], "o", color=color, label=f"{label}: {goal}")
+        fit = fits[fits["goal"] == goal].iloc[0]
+        if len(hit) and np.isfinite(fit["b_crit"]):
+            b = np.geomspace(hit["batch_size"].min(), hit["batch_size"].max(), 100)
+            right.plot(b, fit["s_min"] * (1 + fit["b_crit"] / b), "-", color=color, alpha=0.7)
+    left.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
+    left.set_yscale("log")
+    left.set_ylabel("B_crit (fit, with its interval)")
+    left.set_title("Critical batch size per goal")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("batch size B")
+    right.set_ylabel("steps to the goal (best lr)")
+    right.set_title("Steps to " + (f"the hardest common goal {shared[-1]}" if shared else "each one's hardest fitted goal"))
+    for ax in (left, right):
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return fig
 
 
 def curves_of_best_runs(top: pd.DataFrame) -> pd.DataFrame | None:
@@ -395,7 +458,8 @@ def curves_of_best_runs(top: pd.DataFrame) -> pd.DataFrame | None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.pareto", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep_dir", nargs="?", help="sweep directory holding runs/*/record.json")
+    p.add_argument("sweep_dir", nargs="*", help="sweep directory holding runs/*/record.json (several: "
+                   "compared; a folder of sweep directories: each of them)")
     p.add_argument("--from-csv", metavar="FILE", help="analyse a plain table instead: goal, batch_size, "
                    "steps [, lr, examples, b_simple, reached, seed, run_name, task, optimizer]")
     p.add_argument("--out", metavar="DIR", help="output folder (default SWEEP_DIR/analysis)")
@@ -414,8 +478,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Path:
     """The analysis for parsed arguments; returns the output folder."""
-    if (args.sweep_dir is None) == (args.from_csv is None):
-        raise AnalysisError("give either SWEEP_DIR or --from-csv FILE (exactly one)")
+    if bool(args.sweep_dir) == (args.from_csv is not None):
+        raise AnalysisError("give either SWEEP_DIR (one or more) or --from-csv FILE (exactly one of the two)")
     if not 0 < args.level < 1:
         raise AnalysisError(f"--level {args.level} must be between 0 and 1")
     if args.bootstrap < 0:
@@ -428,8 +492,10 @@ def run(args: argparse.Namespace) -> Path:
         out_dir = Path(args.out) if args.out else Path(args.from_csv).with_name(Path(args.from_csv).stem + "_analysis")
     else:
         runs, notes = load_records(args.sweep_dir)
-        source = args.sweep_dir
-        out_dir = Path(args.out) if args.out else Path(args.sweep_dir) / "analysis"
+        source = ", ".join(args.sweep_dir)
+        if args.out is None and len(args.sweep_dir) > 1:
+            raise AnalysisError("several sweep directories: say where the comparison goes with --out DIR")
+        out_dir = Path(args.out) if args.out else Path(args.sweep_dir[0]) / "analysis"
     for note in notes[:_MAX_LISTED]:
         print(f"warning: {note}", file=sys.stderr)
     if len(notes) > _MAX_LISTED:

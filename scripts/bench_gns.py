@@ -1,62 +1,99 @@
-"""What the B_simple estimator costs: training step time with the noise scale measured vs not.
+"""What measuring the noise scales and checkpointing cost: training step time with B_simple and
+B_noise measured vs not, and the time of one checkpoint against the default interval.
 
-    python scripts/bench_gns.py                 # digits at B=32 and 256, and linreg, on the CPU
+    python scripts/bench_gns.py                 # digits, mnist1d and linreg on the CPU
     python scripts/bench_gns.py --device cuda --reps 7
 
-Each case runs critbatch.train.train for a fixed number of steps (goals out of reach) with
-noise_scale.enabled false (A) and true (B, default every=10, micro_batches=4), interleaved
-A B A B ... so that drifting machine load hits both alike; it reports the median seconds per
-step of each and their ratio B/A (1.00 = free). Time is the training loop's wall time, not setup.
+Each case runs critbatch.train.train for a fixed number of steps (goals out of reach, so no probe
+at a goal runs) three ways, interleaved A B C A B C ... so that drifting machine load hits all
+alike: A noise_scale.enabled false; B B_simple only (hessian_every 0); C B_simple and B_noise (the
+defaults: every=10, micro_batches=4, hessian_every=10). It reports the median seconds per step of
+each and the ratios B/A and C/A (1.00 = free). Time is the training loop's wall time, not set-up
+(which holds the measurements at initialisation). Then, per case, the median time of
+Training.save_checkpoint as a share of log.checkpoint_seconds (the default interval).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
+import time
 
 import torch
 
-from critbatch.train import train
+from critbatch.config import RunConfig
+from critbatch.monitor import RunBook
+from critbatch.train import Training, train
 
 CASES = [  # (label, task, batch size, lr, goal metric, unreachable goal)
-    ("digits B=32", {"name": "digits"}, 32, 0.1, "train_error", 0.0),
-    ("digits B=256", {"name": "digits"}, 256, 0.1, "train_error", 0.0),
-    ("linreg B=256", {"name": "linreg"}, 256, 0.01, "exact_loss", 0.0),
+    ("digits B=32", {"name": "digits"}, 32, 0.1, "train_error", 1e-9),
+    ("digits B=256", {"name": "digits"}, 256, 0.1, "train_error", 1e-9),
+    ("mnist1d mlp B=64", {"name": "mnist1d", "model": "mlp"}, 64, 0.3, "train_error", 1e-9),
+    ("mnist1d cnn B=64", {"name": "mnist1d", "model": "cnn"}, 64, 0.1, "train_error", 1e-9),
+    ("linreg B=256", {"name": "linreg"}, 256, 0.01, "exact_loss", 1e-9),
 ]
+MODES = {"off": {"enabled": False}, "B_simple": {"hessian_every": 0}, "B_simple+B_noise": {}}
 
 
-def seconds_per_step(task, batch_size, lr, metric, goal, steps, noise, device) -> float:
-    config = {"task": task, "optimizer": {"name": "sgd", "lr": lr}, "batch_size": batch_size,
-              "device": device, "goals": {"metric": metric, "thresholds": [goal]},
-              "budget": {"max_steps": steps}, "noise_scale": {"enabled": noise},
-              "log": {"checkpoint_seconds": 1e9}}
+def config_for(task, batch_size, lr, metric, goal, steps, noise, device) -> dict:
+    return {"task": task, "optimizer": {"name": "sgd", "lr": lr}, "batch_size": batch_size,
+            "device": device, "goals": {"metric": metric, "thresholds": [goal]},
+            "budget": {"max_steps": steps}, "noise_scale": noise, "divergence": {"stall_steps": 0},
+            "log": {"checkpoint_seconds": 1e9}}
+
+
+def seconds_per_step(config: dict) -> float:
     record = train(config)
+    steps = config["budget"]["max_steps"]
     assert record["summary"]["steps"] == steps, record["summary"]
     return record["summary"]["wall_time"] / steps
+
+
+def checkpoint_seconds(config: dict, reps: int = 5) -> float:
+    """The median time of one checkpoint of this run after its first steps."""
+    run = RunConfig.from_dict({**config, "budget": {"max_steps": 50}})
+    task = run.validate()
+    with tempfile.TemporaryDirectory() as directory:
+        training = Training([run], task, [RunBook(run, None)], packed=False, checkpoint_dir=directory)
+        training.run()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            training.save_checkpoint()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000, help="training steps per timed run")
-    parser.add_argument("--reps", type=int, default=5, help="A/B pairs per case")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds per case")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cases", nargs="*", help="labels of the cases to run (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    interval = RunConfig().log.checkpoint_seconds
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} CPU threads, "
-          f"{args.steps} steps x {args.reps} interleaved pairs; noise_scale every=10, micro_batches=4")
-    print(f"{'case':<14} {'off ms/step':>12} {'on ms/step':>12} {'on/off':>7}  {'pair ratios (min..max)':>22}")
+          f"{args.steps} steps x {args.reps} interleaved rounds; noise_scale defaults")
+    print(f"{'case':<18} {'off ms/step':>12} {'B_simple':>9} {'+B_noise':>9}  {'ckpt ms':>8} {'ckpt share':>10}")
     for label, task, batch_size, lr, metric, goal in CASES:
-        run = lambda noise: seconds_per_step(task, batch_size, lr, metric, goal, args.steps, noise, args.device)  # noqa: E731
-        run(False), run(True)  # warm-up: data loading, allocator, lazy imports
-        off, on = [], []
+        if args.cases and label not in args.cases:
+            continue
+        configs = {mode: config_for(task, batch_size, lr, metric, goal, args.steps, noise, args.device)
+                   for mode, noise in MODES.items()}
+        for config in configs.values():
+            seconds_per_step(config)  # warm-up: data loading, allocator, lazy imports
+        times = {mode: [] for mode in MODES}
         for _ in range(args.reps):
-            off.append(run(False))
-            on.append(run(True))
-        ratios = [b / a for a, b in zip(off, on)]
-        print(f"{label:<14} {1e3 * statistics.median(off):>12.3f} {1e3 * statistics.median(on):>12.3f} "
-              f"{statistics.median(on) / statistics.median(off):>7.3f}  "
-              f"{min(ratios):>10.3f} .. {max(ratios):.3f}")
+            for mode, config in configs.items():
+                times[mode].append(seconds_per_step(config))
+        off = statistics.median(times["off"])
+        saving = checkpoint_seconds(configs["B_simple+B_noise"])
+        print(f"{label:<18} {1e3 * off:>12.3f} {statistics.median(times['B_simple']) / off:>9.3f} "
+              f"{statistics.median(times['B_simple+B_noise']) / off:>9.3f}  {1e3 * saving:>8.2f} "
+              f"{saving / interval:>10.2%}")
 
 
 if __name__ == "__main__":

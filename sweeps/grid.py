@@ -4,6 +4,7 @@ Plain values in, plain values out (no Hydra here), so the expansion is easy to t
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -11,11 +12,15 @@ from typing import Any
 
 from critbatch.config import ConfigError, RunConfig
 from critbatch.records import run_id, run_name
+from critbatch.typecheck import field_hints
+from sweeps.schema import LrGrid
 
 GROUP_BY = ("batch_size", "run", "all")
 
-# Settings copied from the top level of the composed config into every run.
-RUN_KEYS = ("goals", "budget", "sampling", "noise_scale", "smoothing", "divergence", "log", "device", "cuda_graphs")
+# Settings that every run takes from the top level of the composed config: every field of
+# RunConfig but those the grid sets per run (a field added to RunConfig is copied too).
+PER_RUN_KEYS = ("task", "optimizer", "batch_size", "seed")
+RUN_KEYS = tuple(name for name in field_hints(RunConfig) if name not in PER_RUN_KEYS)
 
 
 class SweepError(ConfigError):
@@ -37,6 +42,7 @@ def centred_lr(batch_size: int, eps_star: float, b_star: float, alpha: float) ->
 def lr_grid(batch_size: int, lr: dict) -> list[float]:
     """The learning rates to try at one batch size: explicit, or `count` values `factor` apart
     centred on eps*/(1 + B*/B)^alpha."""
+    lr = {**dataclasses.asdict(LrGrid()), **lr}  # the schema's defaults (count, factor) where not given
     values = lr.get("values")
     if values is not None:
         field = "sweep.lr.values"
@@ -59,7 +65,7 @@ def lr_grid(batch_size: int, lr: dict) -> list[float]:
     for key in ("eps_star", "b_star", "alpha"):
         if not isinstance(centre.get(key), (int, float)) or not math.isfinite(centre[key]) or centre[key] < 0:
             raise SweepError(f"sweep.lr.centre.{key}={centre.get(key)!r} must be a finite number >= 0")
-    factor, count = lr.get("factor", 2.0), lr.get("count", 5)
+    factor, count = lr["factor"], lr["count"]
     if not isinstance(count, int) or count < 1:
         raise SweepError(f"sweep.lr.count={count!r} must be an integer >= 1")
     if not isinstance(factor, (int, float)) or factor <= 1:
@@ -74,7 +80,9 @@ def expand(cfg: dict) -> list[Run]:
     batch_sizes = sweep.get("batch_sizes")
     if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batch_sizes):
         raise SweepError(f"sweep.batch_sizes={batch_sizes!r} must be a non-empty list of integers > 0")
-    seeds = sweep.get("seeds", [cfg.get("seed", 0)])
+    seeds = sweep.get("seeds")
+    if seeds is None:  # not given: the top-level seed
+        seeds = [cfg.get("seed", RunConfig.seed)]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            and s >= 0 for s in seeds):
         raise SweepError(f"sweep.seeds={seeds!r} must be a non-empty list of integers >= 0")
@@ -149,7 +157,7 @@ def check_overrides(cfg: dict, overrides) -> None:
     refuse them, naming the key that decides. `overrides`: Hydra's task overrides, as typed."""
     sweep = cfg.get("sweep") or {}
     seed = _overridden(overrides, "seed")
-    if seed is not None and "seeds" in sweep and sweep["seeds"] != [cfg.get("seed")]:
+    if seed is not None and sweep.get("seeds") is not None and sweep["seeds"] != [cfg.get("seed")]:
         raise SweepError(f"seed={seed} is overridden by sweep.seeds={sweep['seeds']!r}: a sweep runs every seed "
                          f"of sweep.seeds; use sweep.seeds=[{seed}] (or a list of seeds) instead")
     lr = _overridden(overrides, "optimizer.lr")

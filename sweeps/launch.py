@@ -1,7 +1,7 @@
 """`python -m sweeps.launch [overrides]`: run a batch-size x learning-rate grid, locally or on SLURM.
 
     python -m sweeps.launch                                  # default sweep, on this machine
-    python -m sweeps.launch task=linreg sweep=linreg         # another task
+    python -m sweeps.launch task=linreg                      # another task (and its own grid)
     python -m sweeps.launch launcher=slurm launcher.wait=false   # submit a job array and return
     python -m sweeps.launch hydra.sweep.dir=SWEEP_DIR        # relaunch: skips complete runs
 
@@ -11,26 +11,38 @@ command-line setting that the grid silently overrides), the launcher settings an
 request against what `sinfo` reports (sweeps/cluster.py). A bad config fails here in seconds with a
 message that names the field, and nothing is submitted. A directory holds one sweep: relaunching
 into it with settings that change what its runs are (anything but the batch sizes, lrs and seeds)
-is refused unless asked for with +sweep.allow_new_variant=true. Jobs queued on SLURM are watched
+is refused unless asked for with sweep.allow_new_variant=true. Jobs queued on SLURM are watched
 until they start; jobs that can never run are cancelled and the launch fails.
+
+Every setting is typed (sweeps/schema.py): Hydra refuses an unknown key or a wrong type while it
+composes, and `launch` checks the composed config again (keys added with `+`), so a bad setting
+exits with status 2 before anything runs. This launcher sweeps by itself: Hydra's -m/--multirun
+is refused with what to do instead. Messages and progress go through `logging` (Hydra's job log,
+SWEEP_DIR/launch.log, keeps them); the results go to stdout.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import multiprocessing
 import os
+import shlex
+import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
 from critbatch import records
 from critbatch.config import ConfigError
-from sweeps import cluster
+from sweeps import cluster, schema
 from sweeps.grid import SweepError, check_data, check_overrides, expand, group_runs
 from sweeps.jobs import LOST, RUNNING_ELSEWHERE, packs, run_group, run_group_job
 from sweeps.lease import read_lease
@@ -38,11 +50,21 @@ from sweeps.status import PENDING, STALE, format_status, sweep_status
 
 MANIFEST = records.SWEEP_FILE
 LOCK_FILE = ".sweep.lock"
-ALLOW_NEW_VARIANT = "+sweep.allow_new_variant=true"
+ALLOW_NEW_VARIANT = "sweep.allow_new_variant=true"
 # Summaries of runs that this launch saw fail, whatever their record on disk still says.
 FAILED_SUMMARIES = (records.FAILED, "job failed")
 JOBS_FILE = "jobs.json"
 LAUNCHERS = ("local", "submitit_local", "slurm")
+MULTIRUN_REFUSED = (
+    "-m/--multirun is not supported: this launcher sweeps by itself and runs every (batch size, lr, seed) of "
+    "the grid in one launch. List the batch sizes in sweep.batch_sizes (e.g. 'sweep.batch_sizes=[16,64,256]') "
+    "and the lrs in sweep.lr. To compare tasks, optimizers or other settings, launch once per setting, each "
+    "into its own hydra.sweep.dir (e.g. for o in sgd momentum; do python -m sweeps.launch optimizer=$o "
+    "hydra.sweep.dir=runs/$o; done), then compare them: python -m analysis.pareto runs/sgd runs/momentum "
+    "--out runs/compare. Nothing was run.")
+
+log = logging.getLogger(__name__)
+results = logging.getLogger("sweeps.results")  # the launch's outcome: stdout (and launch.log)
 
 
 class Progress:
@@ -63,9 +85,9 @@ class Progress:
                 f"{time.time() - self.start:5.0f}s {note}")
         if self._tty:
             sys.stderr.write("\r" + line.ljust(100))
-        elif self.done != self._last:  # in a log file, one line per finished run
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+            sys.stderr.flush()
+        elif self.done != self._last:  # not a terminal: one log line per finished run
+            log.info(line)
         self._last = self.done
 
     def close(self) -> None:
@@ -147,9 +169,8 @@ def check_variant(sweep_dir: Path, manifest: dict | None, runs, allow: bool) -> 
     if old is None or old == new:
         return
     if allow:
-        print(f"note: {sweep_dir} held sweep variant {old}; it now holds {new} (+sweep.allow_new_variant=true). "
-              "The earlier runs stay on disk but are no longer counted by sweeps.status or the analysis.",
-              file=sys.stderr)
+        log.warning(f"note: {sweep_dir} held sweep variant {old}; it now holds {new} ({ALLOW_NEW_VARIANT}). "
+                    "The earlier runs stay on disk but are no longer counted by sweeps.status or the analysis.")
         return
     missing = object()
     changed = [f"  {key}: {old_settings.get(key, missing)!r} -> {new_settings.get(key, missing)!r}".replace(
@@ -191,22 +212,22 @@ def add_jobs_entry(sweep_dir: Path, entry: dict) -> None:
 
 
 def make_executor(sweep_dir: Path, launcher: dict):
+    """A submitit executor for the launcher settings (checked and complete: schema.check)."""
     import submitit
 
     folder = sweep_dir / ".submitit" / datetime.now().strftime("%Y%m%d-%H%M%S-%f") / "%j"
     if launcher["name"] == "submitit_local":
         executor = submitit.AutoExecutor(folder=folder, cluster="local")
-        executor.update_parameters(timeout_min=launcher.get("timeout_min", 60),
-                                   cpus_per_task=launcher.get("cpus_per_task", 1))
+        executor.update_parameters(timeout_min=launcher["timeout_min"], cpus_per_task=launcher["cpus_per_task"])
         return executor
     # max_requeues: how often a job that reaches its time limit is checkpointed and requeued
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
-                                     slurm_max_num_timeout=launcher.get("max_requeues", 3))
+                                     slurm_max_num_timeout=launcher["max_requeues"])
     params = {"timeout_min": launcher["timeout_min"], "cpus_per_task": launcher["cpus_per_task"],
               "mem_gb": launcher["mem_gb"], "slurm_array_parallelism": launcher["array_parallelism"],
-              "name": launcher.get("job_name") or "critbatch",
+              "name": launcher["job_name"],
               # SIGUSR2 this long before the time limit: the run checkpoints and the job requeues
-              "slurm_signal_delay_s": launcher.get("signal_delay_s", 90)}
+              "slurm_signal_delay_s": launcher["signal_delay_s"]}
     if launcher.get("gpus_per_node"):
         params["gpus_per_node"] = launcher["gpus_per_node"]
     for key in ("partition", "account", "qos", "constraint"):
@@ -220,13 +241,52 @@ def make_executor(sweep_dir: Path, launcher: dict):
     return executor
 
 
+def local_workers(launcher: dict, groups) -> int:
+    """How many jobs the local launcher runs at once: launcher.workers, 0 meaning one per CPU core,
+    never more than there are jobs."""
+    workers = launcher.get("workers", 1)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise SweepError(f"launcher.workers={workers!r} must be an integer >= 0 (0: one per CPU core)")
+    return max(1, min(workers or len(os.sched_getaffinity(0)), len(groups)))
+
+
 def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[dict]:
+    """Every job on this machine: in this process one after another, or in `workers` processes of
+    their own at once (jobs.run_group either way; SIGTERM and SIGINT reach the workers, which
+    checkpoint their runs)."""
+    workers = local_workers(launcher, groups)
     summaries = []
-    for group in groups:
-        progress.show(note=f"B={group[0].config['batch_size']}")
-        summaries += run_group(str(sweep_dir), [run.config for run in group], threads=launcher.get("threads"),
-                               packing=packing)
-        progress.show(progress.done + len(group))
+    if workers == 1:
+        for group in groups:
+            progress.show(note=f"B={group[0].config['batch_size']}")
+            summaries += run_group(str(sweep_dir), [run.config for run in group], threads=launcher.get("threads"),
+                                   packing=packing)
+            progress.show(progress.done + len(group))
+        return summaries
+    threads = launcher.get("threads") or 1
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(run_group, str(sweep_dir), [run.config for run in group], threads, packing): group
+                   for group in groups}
+
+        def forward(signum, frame):  # the workers stop at a step boundary with their state saved
+            for process in list(pool._processes.values()):
+                os.kill(process.pid, signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM,)}
+        try:
+            progress.show(note=f"{workers} workers")
+            for future in as_completed(futures):
+                group = futures[future]
+                try:
+                    summaries += future.result()
+                except Exception as exc:  # a worker that died: its runs are failed or partial on disk
+                    summaries += [{"run": run.name, "status": "job failed", "error": f"{type(exc).__name__}: {exc}"}
+                                  for run in group]
+                progress.show(progress.done + len(group), note=f"{workers} workers")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return summaries
 
 
@@ -247,8 +307,7 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
              "groups": [[run.name for run in group] for group in groups]}
     add_jobs_entry(sweep_dir, entry)
     first = jobs[0].job_id.split("_")[0] if jobs else "?"
-    print(f"submitted {len(jobs)} job(s) ({launcher['name']}, array {first}) for {sum(map(len, groups))} runs",
-          file=sys.stderr)
+    log.info(f"submitted {len(jobs)} job(s) ({launcher['name']}, array {first}) for {sum(map(len, groups))} runs")
     if launcher["name"] == "slurm" and jobs:
         watch = cluster.watch_start([job.job_id for job in jobs])
         if watch.never:
@@ -257,8 +316,8 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
             add_jobs_entry(sweep_dir, entry)
             raise CannotRun(f"{watch.describe()}; cancelled job array {first}. Change the request (launcher.* "
                             "settings) and relaunch into the same hydra.sweep.dir.")
-        print(f"jobs: {watch.describe()}", file=sys.stderr)
-    if not launcher.get("wait", True):
+        log.info(f"jobs: {watch.describe()}")
+    if not launcher["wait"]:
         return []
     summaries, finished = [], FinishedRuns(sweep_dir, [run for group in groups for run in group], progress.done)
     while not all(job.done() for job in jobs):
@@ -312,6 +371,11 @@ def final_status(sweep_dir: Path, summaries: list[dict]) -> dict:
 def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = ()) -> int:
     """Check everything, write the plan, run or queue what is not complete. `overrides`: the
     command line's Hydra overrides (settings the grid would silently override are refused)."""
+    try:
+        cfg = schema.check(cfg)  # every key and type; defaults filled in
+    except ConfigError:
+        check_overrides(cfg, overrides)  # +batch_size=64 and the like: name the key to use instead
+        raise
     launcher = cfg["launcher"]
     if launcher.get("name") not in LAUNCHERS:
         raise SweepError(f"launcher.name={launcher.get('name')!r}; choose one of {LAUNCHERS}")
@@ -320,16 +384,16 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = ()) -> int
     check_overrides(cfg, overrides)
     allow = allow_new_variant(cfg)
     check_data(runs)
-    group_runs(runs, launcher.get("group_by", "batch_size"))  # bad group_by or packing settings
+    group_runs(runs, launcher["group_by"])  # bad group_by or packing settings
     packs([], cfg.get("packing"))                              # fail before any work
     check_local_device(runs, launcher)
     if launcher["name"] == "slurm":
         notes = cluster.check_cluster(launcher)
         if notes is None:
-            print("note: sinfo did not answer: the partition, CPUs and memory were not checked against the "
-                  "cluster", file=sys.stderr)
+            log.warning("note: sinfo did not answer: the partition, CPUs and memory were not checked against "
+                        "the cluster")
         for note in notes or []:
-            print(f"note: {note}", file=sys.stderr)
+            log.warning(f"note: {note}")
     try:
         with sweep_lock(sweep_dir):
             previous = read_manifest(sweep_dir)
@@ -342,12 +406,12 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = ()) -> int
     elsewhere = [run for run in pending if (lease := read_lease(records.run_dir(sweep_dir, run.config)))
                  is not None and lease.live]
     todo = [run for run in pending if run not in elsewhere]
-    print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(pending)} already complete, "
-          + (f"{len(elsewhere)} running elsewhere (another launch or job owns them), " if elsewhere else "")
-          + f"{len(todo)} to run", file=sys.stderr)
+    log.info(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(pending)} already complete, "
+             + (f"{len(elsewhere)} running elsewhere (another launch or job owns them), " if elsewhere else "")
+             + f"{len(todo)} to run")
     summaries = []
     if todo:
-        groups = group_runs(todo, launcher.get("group_by", "batch_size"))
+        groups = group_runs(todo, launcher["group_by"])
         progress = Progress(len(runs), len(runs) - len(pending))
         try:
             if launcher["name"] == "local":
@@ -356,41 +420,82 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = ()) -> int
                 summaries = launch_submitit(sweep_dir, groups, launcher, cfg.get("packing"), progress)
         except CannotRun as exc:
             progress.close()
-            print(f"error: {exc}", file=sys.stderr)
+            log.error(f"error: {exc}")
             return 1
         progress.close()
-        if launcher["name"] != "local" and not launcher.get("wait", True):
-            print(f"\nDetached. Check on it:   python -m sweeps.status {sweep_dir}\n"
-                  f"Collect when done:      python -m analysis.pareto {sweep_dir}\n"
-                  f"Rerun what failed:      python -m sweeps.launch <same overrides> hydra.sweep.dir={sweep_dir}")
+        if launcher["name"] != "local" and not launcher["wait"]:
+            results.info(f"\nDetached. Check on it:   {command('sweeps.status', sweep_dir)}\n"
+                         f"Collect when done:      {command('analysis.pareto', sweep_dir)}\n"
+                         f"Rerun what failed:      {relaunch_command(overrides, sweep_dir)}")
             return 0
     failed = [s for s in summaries if s["status"] in FAILED_SUMMARIES]
     for s in failed:
-        print(f"FAILED {s['run']}: {s.get('error', '')}", file=sys.stderr)
+        log.error(f"FAILED {s['run']}: {s.get('error', '')}")
     owned = [s for s in summaries if s["status"] in (RUNNING_ELSEWHERE, LOST)]
-    print(format_status(final_status(sweep_dir, summaries)))
-    print(f"\nrecords: {sweep_dir / records.RUNS_DIR}\nnext:    python -m analysis.pareto {sweep_dir}")
+    results.info(format_status(final_status(sweep_dir, summaries)))
+    results.info(f"\nrecords: {sweep_dir / records.RUNS_DIR}\nnext:    {command('analysis.pareto', sweep_dir)}")
     if elsewhere or owned:
-        print(f"{len(elsewhere) + len(owned)} run(s) running elsewhere (owned by another launch or job): "
-              f"python -m sweeps.status {sweep_dir} follows them", file=sys.stderr)
+        log.warning(f"{len(elsewhere) + len(owned)} run(s) running elsewhere (owned by another launch or job): "
+                    f"{command('sweeps.status', sweep_dir)} follows them")
     if failed:
-        print(f"{len(failed)} run(s) failed; relaunch with hydra.sweep.dir={sweep_dir} to rerun them",
-              file=sys.stderr)
+        log.error(f"{len(failed)} run(s) failed; rerun them: {relaunch_command(overrides, sweep_dir)}")
         return 1
     return 0
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def command(module: str, *args) -> str:
+    """A command line that runs `python -m module args` with this interpreter (the venv's)."""
+    return shlex.join([sys.executable, "-m", module, *map(str, args)])
+
+
+def relaunch_command(overrides, sweep_dir: Path) -> str:
+    """This launch again, with its own overrides, into the same directory."""
+    kept = [o for o in overrides or () if not o.lstrip("+").startswith("hydra.sweep.dir=")]
+    return command("sweeps.launch", *kept, f"hydra.sweep.dir={sweep_dir}")
+
+
+_started = False  # whether Hydra got as far as calling the task (it exits 1 on a config it refuses)
+
+
+@hydra.main(config_path=schema.config_dir(), config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    global _started
+    _started = True
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # e.g. hydra.mode=MULTIRUN in a preset
+        log.error(f"error: {MULTIRUN_REFUSED}")
+        sys.exit(2)
     sweep_dir = Path(hydra_cfg.runtime.output_dir)
+    # the command line as typed, for the commands printed to run next: hydra.searchpath and the
+    # like too, not where this run's directory went (hydra.sweep.dir is given anew)
+    overrides = [o for o in hydra_cfg.overrides.hydra
+                 if o.partition("=")[0].lstrip("+") not in ("hydra.mode", "hydra.run.dir", "hydra.sweep.dir")]
+    overrides += list(hydra_cfg.overrides.task)
     try:
-        code = launch(OmegaConf.to_container(cfg, resolve=True), sweep_dir, list(hydra_cfg.overrides.task))
+        code = launch(schema.to_plain(cfg), sweep_dir, overrides)
     except ConfigError as exc:  # bad settings or missing data (SweepError is one too)
-        print(f"error: {exc}\nnothing was submitted.", file=sys.stderr)
+        log.error(f"error: {exc}\nnothing was submitted.")
         sys.exit(2)
     sys.exit(code)
 
+
+def main() -> None:
+    """`python -m sweeps.launch`: Hydra composes and checks the config, then `launch` runs it.
+    Exit status: 0 done, 1 some runs failed or could never run, 2 a setting was refused
+    (nothing ran)."""
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        print(f"error: {MULTIRUN_REFUSED}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        _main()
+    except SystemExit as exc:
+        if exc.code == 1 and not _started:  # Hydra refused the config (it printed why)
+            print("nothing was submitted.", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+schema.register()
 
 if __name__ == "__main__":
     main()

@@ -43,13 +43,33 @@ def run_state(run_dir: Path, stale_seconds: float = STALE_SECONDS) -> str:
 
 
 def sweep_status(sweep_dir: str | Path, stale_seconds: float = STALE_SECONDS) -> dict:
+    """The state of every run the sweep plans (sweep.json), and the other runs in the directory:
+    `unplanned`, finished runs of the sweep's variant that a relaunch dropped from the plan (the
+    analysis counts them too), and `other_variant`, runs of an earlier sweep in the directory
+    (sweep.allow_new_variant; neither counts them)."""
     sweep_dir = Path(sweep_dir)
     manifest_path = sweep_dir / records.SWEEP_FILE
     if not manifest_path.exists():
         raise FileNotFoundError(f"{sweep_dir} has no sweep.json: not a sweep directory made by sweeps.launch")
-    planned = [run["name"] for run in json.loads(manifest_path.read_text())["runs"]]
+    manifest = json.loads(manifest_path.read_text())
+    planned = [run["name"] for run in manifest["runs"]]
     runs = {name: run_state(sweep_dir / records.RUNS_DIR / name, stale_seconds) for name in planned}
-    return {"sweep_dir": str(sweep_dir), "runs": runs, "counts": Counter(runs.values())}
+    unplanned, other_variant = [], []
+    variant = manifest.get("variant")
+    runs_dir = sweep_dir / records.RUNS_DIR
+    for run_dir in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else ():
+        if run_dir.name in runs or not (run_dir / records.RECORD_FILE).exists():
+            continue
+        try:
+            record = records.read_record(run_dir / records.RECORD_FILE)
+        except records.RecordError:
+            continue
+        if variant is not None and records.sweep_variant(record["config"]) != variant:
+            other_variant.append(run_dir.name)
+        elif record["status"] in records.FINISHED_STATUSES:
+            unplanned.append(run_dir.name)
+    return {"sweep_dir": str(sweep_dir), "runs": runs, "counts": Counter(runs.values()),
+            "unplanned": unplanned, "other_variant": other_variant}
 
 
 def format_status(status: dict) -> str:
@@ -63,6 +83,12 @@ def format_status(status: dict) -> str:
              + (f", {counts[UNREADABLE]} unreadable" if counts[UNREADABLE] else "")]
     lines += [f"  {state:10s} {name}" for name, state in status["runs"].items()
               if state in (records.FAILED, "stale", "unreadable")]
+    if status.get("unplanned"):
+        lines.append(f"  + {len(status['unplanned'])} finished run(s) of this sweep outside its current plan "
+                     "(an earlier launch's grid): the analysis counts them too")
+    if status.get("other_variant"):
+        lines.append(f"  ({len(status['other_variant'])} run(s) of an earlier sweep in this directory, with other "
+                     "settings: counted by neither this status nor the analysis)")
     return "\n".join(lines)
 
 

@@ -9,12 +9,10 @@ import pytest
 from analysis import pareto
 from analysis.synthetic import Truth, make_record, write_sweep
 from critbatch import records
+from tests.helpers import FIGURES, TABLES
 
 TRUTH = Truth(thresholds=(0.2, 0.1), s_min=(50.0, 150.0), b_crit=(32.0, 128.0), b_simple=(40.0, 160.0))
 BATCH_SIZES = (4, 16, 64, 256, 1024)
-TABLES = ("steps_to_goal.csv", "steps_by_lr.csv", "best_runs.csv", "tradeoff_fits.csv",
-          "input_problems.csv", "summary.md")
-FIGURES = ("pareto_fronts", "noise_scales", "lr_vs_batch", "steps_heatmap", "training_curves")
 
 
 def run_main(argv, capsys):

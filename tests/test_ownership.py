@@ -20,7 +20,7 @@ from critbatch.train import train_pack
 from sweeps import lease as leases
 from sweeps.jobs import run_group
 from sweeps.status import sweep_status
-from tests.test_sweeps import REPO, SMALL
+from tests.helpers import REPO, SMALL
 
 
 def small_config(**changes) -> dict:

@@ -5,22 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from critbatch.config import ConfigError
+from sweeps import schema
 from sweeps.grid import check_data, expand
 from tests.fake_datasets import write_mnist
+from tests.helpers import CONF, compose as composed
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-
-
-def composed(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=False)
-    OmegaConf.resolve(cfg)  # hydra-only interpolations (none in the run settings) would fail here
-    return OmegaConf.to_container(cfg)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -59,11 +51,10 @@ def test_git_ignored_local_config_overrides_cluster_settings(tmp_path):
     shutil.copytree(CONF, conf)
     (conf / "local" / "default.yaml").write_text(
         "# @package _global_\npaths:\n  data_dir: /datasets/x\nlauncher:\n  partition: gpu\n  account: lab\n")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=["launcher=slurm", "experiment=paper_mnist"])
-    assert cfg.launcher.partition == "gpu" and cfg.launcher.account == "lab"
-    assert cfg.task.data_dir == "/datasets/x"
-    assert cfg.launcher.gpus_per_node == 1  # the preset's resources survive
+    cfg = schema.compose(["launcher=slurm", "experiment=paper_mnist"], config_path=str(conf))
+    assert cfg["launcher"]["partition"] == "gpu" and cfg["launcher"]["account"] == "lab"
+    assert cfg["task"]["data_dir"] == "/datasets/x"
+    assert cfg["launcher"]["gpus_per_node"] == 1  # the preset's resources survive
     # ... and git keeps such a file out of the repository.
     ignored = subprocess.run(["git", "check-ignore", "-q", "conf/local/default.yaml"], cwd=CONF.parent)
     assert ignored.returncode == 0

@@ -15,9 +15,10 @@ import time
 import pytest
 
 from critbatch import records
+from critbatch.train import CHECKPOINT_FILE
 from sweeps.status import sweep_status
 from sweeps import lease as leases
-from tests.test_sweeps import REPO, SMALL, launch, launch_here
+from tests.helpers import REPO, SMALL, launch, launch_here
 
 pytestmark = pytest.mark.slurm
 
@@ -71,33 +72,58 @@ def test_slurm_sweep_completes_and_records_load(tmp_path):
     print(f"slurm sweep of 4 runs took {time.time() - started:.1f} s")
 
 
-def test_cancelled_job_is_recorded_as_failed_and_relaunch_completes_it(tmp_path):
+def test_cancelled_job_checkpoints_its_run_and_a_relaunch_resumes_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # One slow run (B=8, an unreachable goal, 30k steps) that we cancel while it trains.
     slow = ["sweep.batch_sizes=[8]", "sweep.lr.count=1", "sweep.seeds=[0]", "goals.metric=train_loss",
-            "goals.thresholds=[1e-9]",
+            "goals.thresholds=[1e-9]", "divergence.stall_steps=0",
             "budget.max_steps=30000", "log.checkpoint_seconds=0.2", "launcher.threads=1", "launcher.wait=false"]
     submitted = launch(*slow, *SLURM, f"hydra.sweep.dir={sweep_dir}", timeout=120)
     assert submitted.returncode == 0, submitted.stderr
-    assert "python -m sweeps.status" in submitted.stdout
+    assert "sweeps.status" in submitted.stdout
     assert "started" in submitted.stderr  # the launch saw its job start (or said why it pends)
     job_id = json.loads((sweep_dir / "jobs.json").read_text())[0]["job_ids"][0]
 
     record_path = wait_for(lambda: next(sweep_dir.rglob(records.RECORD_FILE), None), 120, "the run's first record")
     wait_for(lambda: records.read_record(record_path)["summary"]["steps"] > 0, 120, "training to start")
     subprocess.run(["scancel", job_id], check=True)
-    record = wait_for(lambda: (r := records.read_record(record_path))["status"] != records.RUNNING and r,
-                      60, "the cancelled run to be recorded")
-    assert record["status"] == records.FAILED
-    assert "SIGTERM" in record["summary"]["error"]
-    assert sweep_status(sweep_dir)["counts"][records.FAILED] == 1
-    assert records.load_sweep(sweep_dir)["status"].tolist() == [records.FAILED]
+    checkpoint = record_path.parent / CHECKPOINT_FILE
+    wait_for(lambda: sweep_status(sweep_dir)["counts"][records.FAILED] == 1, 60, "the cancelled run to be reported")
+    assert checkpoint.exists()  # SIGTERM: the run's state was saved at the next step boundary
+    stopped_at = records.read_record(record_path)["summary"]["steps"]
+    assert records.read_record(record_path)["status"] == records.RUNNING  # partial: not analysed
+    assert records.load_sweep(sweep_dir).empty
 
     rerun = launch(*[o for o in slow if o != "launcher.wait=false"], *SLURM, f"hydra.sweep.dir={sweep_dir}",
                    timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "0 already complete, 1 to run" in rerun.stderr
-    assert records.read_record(record_path)["status"] == records.BUDGET_EXHAUSTED
+    record = records.read_record(record_path)
+    assert record["status"] == records.BUDGET_EXHAUSTED and not checkpoint.exists()
+    assert len(record["summary"]["resumed_at"]) == 1 and record["summary"]["resumed_at"][0] >= stopped_at > 0
+
+
+def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(tmp_path):
+    """A one-minute time limit and runs that need longer: submitit's SIGUSR2 (30 s before the limit;
+    SLURM may send it up to a minute early) checkpoints the run being trained, the job requeues
+    itself and resumes it, until every run is done."""
+    sweep_dir = tmp_path / "sweep"
+    overrides = ["sweep.batch_sizes=[8]", "sweep.lr.values=[0.05,0.1]", "sweep.seeds=[0]",
+                 "goals.metric=train_loss", "goals.thresholds=[1e-9]", "divergence.stall_steps=0",
+                 "budget.max_steps=40000", "launcher.threads=1", "launcher.timeout_min=1",
+                 "launcher.signal_delay_s=30", "launcher.max_requeues=8", "launcher.group_by=all"]
+    result = launch(*overrides, *SLURM[:-1], f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    assert result.returncode == 0, result.stderr
+    frame = records.load_sweep(sweep_dir)
+    assert len(frame) == 2 and set(frame["status"]) == {records.BUDGET_EXHAUSTED}
+    resumed = [records.read_record(p)["summary"].get("resumed_at", []) for p in sweep_dir.rglob(records.RECORD_FILE)]
+    assert any(resumed), "no run was interrupted and resumed: the test did not test requeueing"
+    assert all(r["total_steps"] == 40000 for _, r in frame.iterrows())
+    assert not list(sweep_dir.rglob(CHECKPOINT_FILE))
+    requeued = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j",
+                               json.loads((sweep_dir / "jobs.json").read_text())[0]["job_ids"][0]],
+                              capture_output=True, text=True).stdout
+    assert "REQUEUED" in requeued or "PREEMPTED" in requeued or len(requeued.splitlines()) > 1, requeued
 
 
 def test_bad_config_submits_nothing(tmp_path):

@@ -15,17 +15,7 @@ import torch
 from critbatch import records
 from sweeps.grid import SweepError, centred_lr, expand, group_runs, lr_grid
 from sweeps.status import sweep_status
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A sweep of the digits task small enough for a test: 2 batch sizes x 2 lrs x 1 seed, easy goals.
-SMALL = ["sweep.batch_sizes=[16,64]", "sweep.lr.count=2", "sweep.seeds=[0]", "goals.thresholds=[0.3,0.2]",
-         "budget.max_steps=400", "launcher.threads=1"]
-
-
-def launch(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweeps.launch", *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+from tests.helpers import REPO, SMALL, compose, launch, launch_here
 
 
 def base_cfg(**changes) -> dict:
@@ -90,8 +80,10 @@ def test_default_launch_writes_records_and_relaunch_skips_them(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = launch(*SMALL, f"hydra.sweep.dir={sweep_dir}")
     assert done.returncode == 0, done.stderr
-    assert f"python -m analysis.pareto {sweep_dir}" in done.stdout
+    assert f"{sys.executable} -m analysis.pareto {sweep_dir}" in done.stdout  # this interpreter, not `python`
     assert "4/4 runs" in done.stderr  # the progress bar reached the end
+    log = (sweep_dir / "launch.log").read_text()  # Hydra's job log holds what the launch said
+    assert "4 runs, 0 already complete, 4 to run" in log and "4/4 runs" in log and "4 runs: 4 done" in log
     frame = records.load_sweep(sweep_dir)
     assert sorted(frame["batch_size"].unique()) == [16, 64] and frame["run_id"].nunique() == 4
     assert frame.attrs["problems"] == []
@@ -200,28 +192,6 @@ def test_status_command(tmp_path):
 # in-process launches: every bad input is refused before anything is written or queued
 # ---------------------------------------------------------------------------------------------
 
-def compose(*overrides: str) -> dict:
-    """The composed config of `python -m sweeps.launch OVERRIDES`, as plain containers."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(hydra_compose("config", overrides=list(overrides)), resolve=True)
-
-
-def launch_here(sweep_dir: Path, *overrides: str) -> int:
-    """sweeps.launch in this process; the value NEWLINE stands for a string with a line break
-    (which a Hydra override cannot write)."""
-    from sweeps.launch import launch as launch_sweep
-
-    cfg = compose(*overrides)
-    extra = cfg.get("launcher", {}).get("additional_parameters") or {}
-    for key, value in extra.items():
-        if value == "NEWLINE":
-            extra[key] = "END\n#SBATCH --exclusive"
-    return launch_sweep(cfg, sweep_dir, overrides=list(overrides))
-
-
 # (overrides, the field the message must name); none of these may write or queue anything
 BAD_INPUTS = [
     # empty grids
@@ -301,7 +271,7 @@ def test_a_sweep_directory_holds_one_sweep_definition(tmp_path):
     shorter = [o for o in SMALL if not o.startswith("budget.")] + ["budget.max_steps=300"]
     refused = launch(*shorter, f"hydra.sweep.dir={sweep_dir}")
     assert refused.returncode == 2 and "nothing was submitted" in refused.stderr
-    for words in ("budget.max_steps", "400", "300", "hydra.sweep.dir", "+sweep.allow_new_variant=true"):
+    for words in ("budget.max_steps", "400", "300", "hydra.sweep.dir", "sweep.allow_new_variant=true"):
         assert words in refused.stderr
     assert (sweep_dir / "sweep.json").read_bytes() == manifest
     assert sorted(p.name for p in (sweep_dir / records.RUNS_DIR).iterdir()) == runs
@@ -309,7 +279,7 @@ def test_a_sweep_directory_holds_one_sweep_definition(tmp_path):
         launch_here(sweep_dir, *SMALL, "task.hidden=64")
     assert (sweep_dir / "sweep.json").read_bytes() == manifest
     # Asked for explicitly, the directory takes the new variant; it never counts both.
-    allowed = launch(*shorter, "+sweep.allow_new_variant=true", f"hydra.sweep.dir={sweep_dir}")
+    allowed = launch(*shorter, "sweep.allow_new_variant=true", f"hydra.sweep.dir={sweep_dir}")
     assert allowed.returncode == 0, allowed.stderr
     assert "4 already complete, 4 to run" not in allowed.stderr and "0 already complete, 4 to run" in allowed.stderr
     assert sum(sweep_status(sweep_dir)["counts"].values()) == 4

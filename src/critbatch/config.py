@@ -3,19 +3,43 @@
 `RunConfig.from_dict` takes what a Hydra config (or a user) hands over as nested dicts, fills in
 defaults and raises ConfigError naming the field, the value and what is allowed. Sweeps call it
 for every point of a grid before submitting anything.
+
+These dataclasses are the single source of the run settings, their types and their defaults:
+sweeps/schema.py builds the launch's Hydra schema from them, and a run's identity
+(records.run_id), the keys a sweep copies into every run (sweeps.grid) and what the members of a
+pack share (critbatch.packed.pack_key) are derived from their fields. A field added here is typed,
+defaulted, checked and part of the identity everywhere, unless it is named in NOT_IDENTITY.
+
+Importing this module loads no torch (records and the analysis use it); the task and optimizer
+registries are imported when a config is validated.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from critbatch.tasks import TASKS, Task, TaskError, build_task
+from critbatch.typecheck import describe, field_hints, matches
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+if TYPE_CHECKING:
+    from critbatch.tasks import Task
+
 SAMPLING = ("with_replacement", "epoch_shuffle")
 DEVICES = ("auto", "cpu", "cuda")
+
+#: Settings that do not change what a run computes (dora-style exclude list, as dotted paths):
+#: every other field of RunConfig, including any added later, is part of a run's identity
+#: (records.run_id), so a relaunch never takes a run trained with other settings for done.
+#: Bookkeeping (log), where it ran (device, cuda_graphs: the same numbers up to float rounding)
+#: and where the data and code live (data_dir, module: the task and optimizer names identify them).
+NOT_IDENTITY = ("log", "device", "cuda_graphs", "task.data_dir", "task.module", "optimizer.module")
+#: The axes of a sweep's grid: the runs of one sweep differ in these only (records.sweep_variant).
+GRID_AXES = ("batch_size", "optimizer.lr", "seed")
+#: What the members of one pack may differ in (critbatch.packed.pack_key): the rest they share.
+PACK_AXES = ("optimizer.lr", "log")
 
 
 class ConfigError(ValueError):
@@ -24,12 +48,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"
+    name: str = "sgd"              # a name in critbatch.optimizers.OPTIMIZERS
     lr: float = 0.1
     momentum: float = 0.9          # used by "momentum"
     betas: tuple[float, float] = (0.9, 0.999)  # used by "adam"
     eps: float = 1e-8              # used by "adam"
     weight_decay: float = 0.0
+    # Your own module that registers the optimizer (critbatch.optimizers.register_optimizer),
+    # imported before it is looked up, e.g. "mypkg.optimizers". Not part of the run's identity.
+    module: str | None = None
 
 
 @dataclass
@@ -40,7 +67,7 @@ class GoalsConfig:
 
 @dataclass
 class BudgetConfig:
-    max_steps: int | None = 100_000
+    max_steps: int | None = 20_000
     max_examples: int | None = None
     max_seconds: float | None = None
 
@@ -54,10 +81,21 @@ class NoiseScaleConfig:
     # that reached it, in a short run as in a long one.
     relative_window: float = 0.1
     min_examples: int = 512    # ... and never fewer examples than this
-    # B_simple at initialisation: measured before training on batches of init_batch_size (or B if
-    # larger), until its standard error is below init_precision of it (at most INIT_MAX_BATCHES).
-    init_batch_size: int = 512
-    init_precision: float = 0.03
+    # Probes: B_simple (and B_noise) at initialisation and at each goal, measured at fixed
+    # parameters (at a goal: the kept parameters nearest its crossing) on batches of their own of
+    # max(B, probe_batch_size) examples, drawn with replacement, until the standard error is below
+    # probe_precision of the value, on at most probe_batches batches (200 at initialisation); 0
+    # probe_batches: a goal takes the window's estimate when it is noticed.
+    probe_batch_size: int = 512
+    probe_precision: float = 0.03
+    probe_batches: int = 32
+    # B_noise = tr(H Sigma)/(G^T H G) from Hessian-vector products (critbatch.curvature) on the
+    # batch of a B_simple measurement at most every `every` x hessian_every steps (0: never; needs
+    # micro_batches >= 3), and at a goal on at most hessian_probe_batches probe batches (0: the
+    # window's estimate). Each costs about 3 plain steps, and B_noise needs hundreds of batches to
+    # be resolved: the defaults keep its cost a few % and leave it rough (docs/noise_scales.md).
+    hessian_every: int = 10
+    hessian_probe_batches: int = 0
     enabled: bool = True
 
 
@@ -110,14 +148,25 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        config = _from_dict(cls, dict(values), "")
+        """The run settings from nested dicts (missing keys take their defaults), checked: an
+        unknown key, a value of the wrong type or out of range raises ConfigError naming it."""
+        if "task" in values and (not isinstance(values["task"], dict) or "name" not in values["task"]):
+            raise ConfigError(f"task must be a mapping with a 'name' (a registered task), got {values['task']!r}")
+        config = settings_from_dict(cls, dict(values))
         config.validate()
         return config
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
+    def _check_curvature(self, task: Task) -> None:
+        refusal = _curvature_refusal(self, task)
+        if refusal:
+            raise ConfigError(refusal)
+
     def build_task(self) -> Task:
+        from critbatch.tasks import TaskError, build_task
+
         options = {k: v for k, v in self.task.items() if k != "name"}
         try:
             return build_task(self.task.get("name"), **options)
@@ -126,12 +175,17 @@ class RunConfig:
 
     def validate(self, check_data: bool = False) -> Task:
         """Raise ConfigError on the first bad field; return the (unloaded) task."""
+        from critbatch.optimizers import OptimizerError, get_optimizer
+        from critbatch.tasks import TASKS
+
         if not isinstance(self.task, dict) or "name" not in self.task:
             raise ConfigError(f"task must be a mapping with a 'name' (one of {sorted(TASKS)}), got {self.task!r}")
         task = self.build_task()
         opt = self.optimizer
-        if opt.name not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name={opt.name!r} is not supported; choose one of {OPTIMIZERS}")
+        try:
+            get_optimizer(opt.name, opt.module)
+        except OptimizerError as exc:
+            raise ConfigError(str(exc)) from exc
         if not _is_number(opt.lr) or not math.isfinite(opt.lr) or opt.lr <= 0:
             raise ConfigError(f"optimizer.lr={opt.lr!r} must be a finite number > 0")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
@@ -164,16 +218,20 @@ class RunConfig:
         ns = self.noise_scale
         if not isinstance(ns.enabled, bool):
             raise ConfigError(f"noise_scale.enabled={ns.enabled!r} must be true or false")
-        for name in ("every", "micro_batches", "init_batch_size", "min_examples"):
+        for name in ("every", "micro_batches", "probe_batch_size", "min_examples", "probe_batches", "hessian_every",
+                     "hessian_probe_batches"):
             value = getattr(ns, name)
-            least = {"micro_batches": 2, "min_examples": 0}.get(name, 1)
+            least = {"micro_batches": 2, "min_examples": 0, "probe_batches": 0, "hessian_every": 0,
+                     "hessian_probe_batches": 0}.get(name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"noise_scale.{name}={value!r} must be an integer >= {least}")
         if ns.enabled and ns.micro_batches > self.batch_size:
             raise ConfigError(f"noise_scale.micro_batches={ns.micro_batches} exceeds batch_size={self.batch_size}: "
                               "the noise scale needs at least two micro-batches of one example or more; "
                               "lower micro_batches, raise the batch size or set noise_scale.enabled=false")
-        for name, upper in (("relative_window", 1.0), ("init_precision", 1.0)):
+        if ns.enabled and ns.hessian_every:
+            self._check_curvature(task)
+        for name, upper in (("relative_window", 1.0), ("probe_precision", 1.0)):
             value = getattr(ns, name)
             if not _is_number(value) or not 0 < value <= upper:
                 raise ConfigError(f"noise_scale.{name}={value!r} must lie in (0, {upper:g}]")
@@ -201,6 +259,8 @@ class RunConfig:
         if self.cuda_graphs is True and self.device == "cpu":
             raise ConfigError("cuda_graphs=true needs device=cuda or auto, not device=cpu")
         if check_data:
+            from critbatch.tasks import TaskError
+
             try:
                 task.check_data()
             except TaskError as exc:
@@ -208,32 +268,90 @@ class RunConfig:
         return task
 
 
+def _curvature_refusal(config: "RunConfig", task: Task) -> str | None:
+    """Why B_noise cannot be measured for this run (None: it can)."""
+    import torch
+
+    from critbatch.gns import noise_micro_batches
+
+    ns = config.noise_scale
+    k = noise_micro_batches(config.batch_size, ns.micro_batches)
+    if k < 3:
+        return (f"noise_scale.hessian_every={ns.hessian_every} measures B_noise on micro-batches, which needs at "
+                f"least 3 of them, but batch_size={config.batch_size} with noise_scale.micro_batches="
+                f"{ns.micro_batches} gives {k}: raise micro_batches (or B), or set noise_scale.hessian_every=0")
+    with torch.device("meta"):  # the architecture only: no data, no memory
+        model = task.make_model()
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return (f"noise_scale.hessian_every={ns.hessian_every}: B_noise is not measured for models with "
+                f"BatchNorm (task {config.task.get('name')!r}): set noise_scale.hessian_every=0")
+    return None
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# The nested sections of RunConfig, by the annotation string their fields carry.
-_SECTIONS = {section.__name__: section for section in (OptimizerConfig, GoalsConfig, BudgetConfig, NoiseScaleConfig,
-                                                       SmoothingConfig, DivergenceConfig, LogConfig)}
-
-
-def _from_dict(cls, values: dict, prefix: str):
+def settings_from_dict(cls, values, prefix: str = ""):
+    """An instance of the settings dataclass `cls` from nested dicts: each key must be a field
+    (an unknown key raises ConfigError naming it, with the closest known ones), each value must
+    fit the field's annotation (critbatch.typecheck), and nested dataclass fields are read the same
+    way; missing keys take the dataclass's defaults. Works for any settings dataclass, so a field
+    added to one is checked without more code. `prefix` names where `values` sit ("optimizer.")."""
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        values = dataclasses.asdict(values)
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    hints = field_hints(cls)
+    unknown = sorted(str(key) for key in set(values) - set(hints))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {[prefix + u for u in unknown]}; "
-                          f"known: {[prefix + k for k in fields]}")
+        near = {u: difflib.get_close_matches(u, list(hints), n=1, cutoff=0.6) for u in unknown}
+        hint = "; ".join(f"{prefix}{u}: did you mean {prefix}{m[0]}?" for u, m in near.items() if m)
+        raise ConfigError(f"unknown setting(s) {[prefix + u for u in unknown]}" + (f" ({hint})" if hint else "")
+                          + f"; known: {[prefix + k for k in hints]}")
     kwargs = {}
     for name, value in values.items():
-        sub = _SECTIONS.get(fields[name].type)
-        if sub is not None:
-            value = _from_dict(sub, dict(value) if isinstance(value, dict) else value, f"{prefix}{name}.")
-        elif name == "thresholds":
-            value = list(value) if isinstance(value, (list, tuple)) else value
+        hint, key = hints[name], prefix + name
+        section = _section(hint)
+        if section is not None and not (value is None and section is not hint):  # (an optional section may be null)
+            value = settings_from_dict(section, value, f"{key}.")
+        elif not matches(value, hint):
+            if value == "???":
+                raise ConfigError(f"{key} is not set (???): give it a value")
+            raise ConfigError(f"{key}={value!r} must be {describe(hint)}")
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _section(hint):
+    """The settings dataclass a field holds (`Section` or `Section | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None
+
+
+def without(values: dict, paths) -> dict:
+    """A copy of the nested dict `values` without the dotted `paths` (absent ones are ignored)."""
+    out = dict(values)
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if not rest:
+            out.pop(head, None)
+        elif isinstance(out.get(head), dict):
+            out[head] = without(out[head], [rest])
+    return out
+
+
+def identity_settings(config: dict) -> dict:
+    """The settings of a run config (RunConfig.to_dict()) that make it the run it is: every
+    top-level field of RunConfig (one that is absent counts as null), less NOT_IDENTITY."""
+    top = [name for name in field_hints(RunConfig) if name not in NOT_IDENTITY]
+    return without({name: config.get(name) for name in top}, NOT_IDENTITY)
 
 
 def _to_plain(value):

@@ -192,7 +192,7 @@ class NoiseScale:
         return {"b_simple": self.b_simple, "b_simple_se": self.b_simple_se,
                 "grad_sq_norm": self.grad_sq_norm, "grad_sq_norm_se": math.sqrt(var_g),
                 "trace_sigma": self.trace_sigma, "trace_sigma_se": math.sqrt(var_t),
-                "noise_cov": cov, "noise_updates": self.updates}
+                "noise_cov": cov, "noise_updates": self.updates, "b_simple_resolved": self.resolved}
 
     def state_dict(self) -> dict:
         state = {k: v for k, v in vars(self).items() if k != "window"}
@@ -208,6 +208,14 @@ class NoiseScale:
         self._moments = list(self._moments)
         if window is not None:
             self.window.load_state_dict(window)
+
+
+def noise_micro_batches(batch_size: int, wanted: int) -> int:
+    """The largest k <= wanted that splits the batch into equal micro-batches (1: cannot measure)."""
+    for k in range(min(wanted, batch_size), 1, -1):
+        if batch_size % k == 0:
+            return k
+    return 1
 
 
 def micro_batch_sq_norms(micro_grads: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 
 from critbatch import records
 from critbatch.config import RunConfig
+from critbatch.curvature import curvature_state
 from critbatch.gns import NoiseScale, ProgressWindow
 
 NOT_YET = -1.0     # GoalCrossings: the goal has not been met
@@ -186,6 +187,9 @@ class RunBook:
         ns, B = config.noise_scale, config.batch_size
         self.noise = NoiseScale(relative_window=ns.relative_window, min_window=ns.min_examples / B)
         self.ideal = IdealSteps(B)
+        # B_noise: the same estimator fed with curvature forms (critbatch.curvature), its own path average
+        self.curvature = NoiseScale(relative_window=ns.relative_window, min_window=ns.min_examples / B)
+        self.ideal_noise = IdealSteps(B)
         self.record = records.new_record(config.to_dict())
         self.record["summary"].update(host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__,
                                       python=platform.python_version())
@@ -193,7 +197,6 @@ class RunBook:
         self.max_steps = max_steps(config)
         self.initial_loss = math.nan
         self._last_save = time.perf_counter()
-        self._noise_due: list[int] = []  # goals whose noise estimate waits for its window to reach them
         self.save()
 
     @property
@@ -223,42 +226,47 @@ class RunBook:
         steps after the previous one."""
         self.noise.update(small_sq_norm, big_sq_norm, small_batch, big_batch, step=step, every=gap)
         self.ideal.advance(step, self.noise.grad_sq_norm, self.noise.trace_sigma)
-        self._noise_at_goals(final=False)
+
+    def add_curvature(self, small_form: float, big_form: float, small_batch: int, big_batch: int,
+                      step: int, gap: int) -> None:
+        """One measurement of the curvature forms g^T H g at two batch sizes (for B_noise)."""
+        self.curvature.update(small_form, big_form, small_batch, big_batch, step=step, every=gap)
+        self.ideal_noise.advance(step, self.curvature.grad_sq_norm, self.curvature.trace_sigma)
+
+    def _noise_state(self) -> dict:
+        """The window's noise estimates now (numbers only: curves hold numbers)."""
+        state = {k: v for k, v in self.noise.state().items() if k != "b_simple_resolved"}
+        state.update({k: v for k, v in curvature_state(self.curvature).items() if k != "b_noise_resolved"})
+        return state
 
     def log(self, step: int, now: float, point: dict[str, float], crossed_at: list[float]) -> None:
         """A curve point at `step` and the goals newly reached (crossed_at: per goal, a centre
-        step, NOT_YET or CENSORED)."""
+        step, NOT_YET or CENSORED). A goal gets the window's noise estimate now; goal_noise
+        replaces it with a probe at the crossing parameters."""
         B = self.config.batch_size
-        point = {"step": step, "examples": step * B, "wall_time": now, **point, **self.noise.state(),
-                 "ideal_steps": self.ideal.at(step), "b_simple_path": self.ideal.path_average(step)}
-        for index, (goal, crossed) in enumerate(zip(self.record["goals"], crossed_at)):
+        point = {"step": step, "examples": step * B, "wall_time": now, **point, **self._noise_state(),
+                 "ideal_steps": self.ideal.at(step), "b_simple_path": self.ideal.path_average(step),
+                 "b_noise_path": self.ideal_noise.path_average(step)}
+        for goal, crossed in zip(self.record["goals"], crossed_at):
             if goal["reached"] or crossed == NOT_YET:
                 continue
             if crossed == CENSORED:
                 goal.update(reached=True, censored=True, step_at_most=step)
                 continue
             wall = float(np.interp(crossed, self.curve["step"] + [step], self.curve["wall_time"] + [now]))
-            goal.update(reached=True, censored=False, step=crossed, examples=crossed * B, wall_time=wall)
-            self._noise_due.append(index)
-        self._noise_at_goals(final=False)
+            goal.update(reached=True, censored=False, step=crossed, examples=crossed * B, wall_time=wall,
+                        **self._noise_state(), noise_source="window", noise_center_step=self.noise.center_step,
+                        b_simple_path=self.ideal.path_average(crossed), ideal_steps=self.ideal.at(crossed),
+                        b_noise_path=self.ideal_noise.path_average(crossed))
         for key, value in point.items():
             self.curve.setdefault(key, []).append(value)
         self.record["summary"].update(steps=step, examples=step * B, wall_time=now)
 
-    def _noise_at_goals(self, final: bool) -> None:
-        """Give a reached goal the noise estimate centred at its crossing, once the estimate's
-        window has moved there (or now, when the run ends before it does)."""
-        center = self.noise.center_step
-        for index in list(self._noise_due):
-            goal = self.record["goals"][index]
-            if final or (math.isfinite(center) and center >= goal["step"]) or self.noise.updates == 0:
-                goal.update(self.noise.state(), noise_center_step=center,
-                            b_simple_path=self.ideal.path_average(goal["step"]),
-                            ideal_steps=self.ideal.at(goal["step"]))
-                self._noise_due.remove(index)
+    def goal_noise(self, index: int, state: dict, probed_at: int) -> None:
+        """The noise scale at goal `index`, probed at the parameters after `probed_at` updates."""
+        self.record["goals"][index].update(state, noise_source="probe", probed_at=probed_at)
 
     def finish(self, status: str, reason: str) -> None:
-        self._noise_at_goals(final=True)
         self.record["status"], self.record["summary"]["reason"] = status, reason
         self.save()
 
@@ -274,14 +282,17 @@ class RunBook:
 
     def state_dict(self) -> dict:
         return {"record": self.record, "noise": self.noise.state_dict(), "ideal": self.ideal.state_dict(),
-                "initial_loss": self.initial_loss, "noise_due": list(self._noise_due)}
+                "curvature": self.curvature.state_dict(), "ideal_noise": self.ideal_noise.state_dict(),
+                "initial_loss": self.initial_loss}
 
     def load_state_dict(self, state: dict) -> None:
         self.record = state["record"]
         self.curve = self.record["curve"]
         self.noise.load_state_dict(state["noise"])
         self.ideal.load_state_dict(state["ideal"])
-        self.initial_loss, self._noise_due = state["initial_loss"], list(state["noise_due"])
+        self.curvature.load_state_dict(state["curvature"])
+        self.ideal_noise.load_state_dict(state["ideal_noise"])
+        self.initial_loss = state["initial_loss"]
 
 
 def stalled(curve: dict[str, list], keys: list[str], step: int, min_steps: int, improvement: float) -> bool:
@@ -333,10 +344,12 @@ class NoiseMeasurements:
     (noise_scale.relative_window x the step count, at least min_window steps) would otherwise hold
     fewer than MIN_PER_WINDOW measurements: early in a run, where the window is short."""
 
-    MIN_PER_WINDOW = 8
+    MIN_PER_WINDOW = 4
 
-    def __init__(self, small_batch: int, big_batch: int, every: int, relative_window: float, min_window: float):
+    def __init__(self, small_batch: int, big_batch: int, every: int, relative_window: float, min_window: float,
+                 into: str = "add_noise"):
         self.small_batch, self.big_batch, self.every = small_batch, big_batch, every
+        self.into = into  # the RunBook method that takes the measurements
         self.relative_window, self.min_window = relative_window, min_window
         self.last_step: int | None = None
         self._pending: list[torch.Tensor] = []
@@ -360,7 +373,7 @@ class NoiseMeasurements:
         for step, (small, big) in zip(self._steps, torch.stack(self._pending).tolist()):  # [n][2][members]
             gap = step - self._flushed_step if self._flushed_step is not None else 1
             for book, s, b in zip(books, small, big):
-                book.add_noise(s, b, self.small_batch, self.big_batch, step, gap)
+                getattr(book, self.into)(s, b, self.small_batch, self.big_batch, step, gap)
             self._flushed_step = step
         self._pending.clear()
         self._steps.clear()

@@ -19,14 +19,17 @@ one by one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from critbatch.config import ConfigError, RunConfig
+from critbatch.config import PACK_AXES, ConfigError, RunConfig, without
 from critbatch.cuda_graphs import TrainSteps
+from critbatch.curvature import curvature_forms
+from critbatch.optimizers import get_optimizer
 from critbatch.tasks import Task
 
 
@@ -35,11 +38,9 @@ class NotPackable(ConfigError):
 
 
 def pack_key(config: RunConfig) -> str:
-    """Runs with equal keys differ at most in their learning rate and can share a pack."""
-    values = config.to_dict()
-    values["optimizer"] = {k: v for k, v in values["optimizer"].items() if k != "lr"}
-    values.pop("log", None)
-    return repr(sorted(values.items()))
+    """Runs with equal keys differ at most in their learning rate (config.PACK_AXES) and can
+    share a pack: every other setting, present or added later, must be equal."""
+    return repr(sorted(without(config.to_dict(), PACK_AXES).items()))
 
 
 class PackedModel:
@@ -48,7 +49,8 @@ class PackedModel:
     def __init__(self, task: Task, models: list[nn.Module]):
         params, self.buffers = stack_module_state(models)
         self.params = {name: value.detach() for name, value in params.items()}
-        base = copy.deepcopy(models[0]).to("meta")  # the architecture only; weights come stacked
+        base = self.base = copy.deepcopy(models[0]).to("meta")  # the architecture only; weights come stacked
+        self.task = task
 
         def loss_and_metrics(p, b, x, y):
             output = functional_call(base, (p, b), (x,))
@@ -84,11 +86,13 @@ class PackedModel:
 
 
 class PackedOptimizer:
-    """SGD, momentum SGD and Adam over stacked parameters with one learning rate per member, with
-    the update rules of torch.optim (so a member follows its unpacked twin within float rounding)."""
+    """The registered optimizers (critbatch.optimizers: SGD, momentum SGD, Adam, ...) over stacked
+    parameters with one learning rate per member, with the update rules of torch.optim (so a
+    member follows its unpacked twin within float rounding)."""
 
     def __init__(self, params: dict[str, torch.Tensor], opt, lrs: torch.Tensor):
         self.opt, self.lrs = opt, lrs
+        self.rule = get_optimizer(opt.name, opt.module)
         # A tensor, not a Python int, so that a step replayed from a CUDA graph counts too.
         self.steps = torch.zeros((), dtype=torch.float64, device=lrs.device)
         self.state = {name: {} for name in params}
@@ -99,25 +103,8 @@ class PackedOptimizer:
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
         self.steps.add_(1)
-        opt = self.opt
         for name, p in params.items():
-            g = grads[name]
-            if opt.weight_decay:
-                g = g + opt.weight_decay * p
-            lr, state = self._lr(p), self.state[name]
-            if opt.name == "sgd":
-                p.sub_(lr * g)
-            elif opt.name == "momentum":
-                buf = state.get("momentum")
-                state["momentum"] = buf = g.clone() if buf is None else buf.mul_(opt.momentum).add_(g)
-                p.sub_(lr * buf)
-            else:  # adam
-                beta1, beta2 = opt.betas
-                m = state.setdefault("exp_avg", torch.zeros_like(p)).mul_(beta1).add_(g, alpha=1 - beta1)
-                v = state.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                correction1, correction2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-                denom = (v.sqrt() / correction2 ** 0.5).add_(opt.eps)
-                p.sub_(lr / correction1 * m / denom)
+            self.rule.packed_update(p, grads[name], self._lr(p), self.state[name], self.opt, self.steps)
 
     def keep(self, members: torch.Tensor) -> None:
         self.lrs = self.lrs[members]
@@ -160,6 +147,37 @@ class PackedStep(TrainSteps):
             self.scratch.load_state_dict(self.packed.member_state(member))
             self._loaded = member
         return self.scratch
+
+    def curvature(self, x, y, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's curvature forms on this batch (critbatch.curvature), without an update."""
+        packed, task = self.packed, self.packed.task
+
+        def member(params, buffers):
+            def loss(p, xs, ys):
+                return task.loss(functional_call(packed.base, (p, buffers), (xs,)), ys)
+            return curvature_forms(loss, params, x, y, micro_batches)
+
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # dropout here leaves training's stream
+            small, big = vmap(member, randomness="different")(packed.params, packed.buffers)
+        return small.detach(), big.detach()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every member's parameters (for the noise probe at a goal's crossing)."""
+        return {name: value.clone() for name, value in self.packed.params.items()}
+
+    @contextlib.contextmanager
+    def swapped(self, snapshot: dict[str, torch.Tensor]):
+        """The parameters of `snapshot` in place of the current ones, in the same tensors."""
+        current = self.snapshot()
+        for name, value in snapshot.items():
+            self.packed.params[name].copy_(value)
+        self._loaded = None
+        try:
+            yield
+        finally:
+            for name, value in current.items():
+                self.packed.params[name].copy_(value)
+            self._loaded = None
 
     def keep(self, members: torch.Tensor) -> None:
         self.packed.keep(members)

@@ -134,17 +134,17 @@ def noise_scales(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
         ax.errorbar(dx(-1)[ok], fits["b_crit"][ok],
                     yerr=_yerr(fits["b_crit"], fits["b_crit_low"], fits["b_crit_high"])[:, ok],
                     fmt="o", color="C0", capsize=3, label=f"B_crit (fit, {fits['level'].iloc[0]:.0%} interval)")
-    has_bs = fits["b_simple"].notna().to_numpy()
-    se = fits["b_simple_se"] if "b_simple_se" in fits else pd.Series(np.nan, index=fits.index)
+    measured = fits["b_simple"].notna() & fits.get("b_simple_resolved", pd.Series(True, index=fits.index)).astype(bool)
+    has_bs = measured.to_numpy()
     if has_bs.any():
-        ax.errorbar(dx(0)[has_bs], fits["b_simple"][has_bs],
-                    yerr=_yerr(fits["b_simple"], fits["b_simple"] - 2 * se, fits["b_simple"] + 2 * se)[:, has_bs],
-                    fmt="s", color="C1", capsize=3, label="B_simple at the goal (pooled over the best runs, ±2 se)")
-    if "b_simple_lower" in fits and "b_simple_resolved" in fits:
-        lower = (~fits["b_simple_resolved"].astype(bool) & fits["b_simple_lower"].notna()).to_numpy()
-        if lower.any():
-            ax.plot(dx(0)[lower], fits["b_simple_lower"][lower], "^", color="C1", mfc="none", ms=8,
-                    label="B_simple not resolved: at least this")
+        low = fits.get("b_simple_low", fits["b_simple"])
+        high = fits.get("b_simple_high", fits["b_simple"])
+        ax.errorbar(dx(0)[has_bs], fits["b_simple"][has_bs], yerr=_yerr(fits["b_simple"], low, high)[:, has_bs],
+                    fmt="s", color="C1", capsize=3, label="B_simple at the goal (median over the best runs, 95%)")
+    bound = (fits["b_simple"].notna() & ~measured).to_numpy()
+    if bound.any():
+        ax.plot(dx(0)[bound], fits["b_simple"][bound], "^", color="C1", mfc="none", ms=8,
+                label="B_simple not resolved: at least this")
     if "b_simple_path" in fits and fits["b_simple_path"].notna().any():
         path = fits["b_simple_path"].notna().to_numpy()
         ax.plot(dx(0.5)[path], fits["b_simple_path"][path], "D", color="C3", mfc="none",
@@ -169,31 +169,33 @@ def noise_scales(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
 
 
 def b_crit_vs_noise_scale(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
-    """(f) B_crit against the noise scale at each goal, log-log, with y = x, as the paper compares
-    them: B_simple averaged along the path to the goal (what S = S_min + E_min/B integrates) and
-    B_simple local to the goal; error bars are B_crit's interval and B_simple's ±2 se."""
-    fig = Figure(figsize=(5.8, 5.2), layout="constrained")
+    """(f) B_crit against the noise scales at each goal, log-log, with y = x, as the paper compares
+    them: B_simple and (where measured) B_noise, each averaged along the path to the goal (what
+    S = S_min + E_min/B integrates; filled) and local to the goal (open); error bars are 95%."""
+    fig = Figure(figsize=(6.2, 5.4), layout="constrained")
     ax = fig.subplots()
     ok = fits["identified"].astype(bool)
     colors = _goal_colors(fits["goal"])
+    series = [("b_simple_path", "D", True), ("b_simple", "s", False), ("b_noise_path", "o", True), ("b_noise", "^", False)]
     values = []
-    for column, marker, label in (("b_simple_path", "D", "path average"), ("b_simple", "s", "local")):
+    for column, marker, filled in series:
         if column not in fits:
             continue
-        sel = fits[ok & fits[column].notna()]
-        for _, f in sel.iterrows():
+        for _, f in fits[ok & fits[column].notna()].iterrows():
             xerr = None
-            if column == "b_simple" and np.isfinite(f.get("b_simple_se", np.nan)):
-                xerr = [[min(2 * f["b_simple_se"], 0.99 * f["b_simple"])], [2 * f["b_simple_se"]]]
+            if np.isfinite(f.get(f"{column}_low", np.nan)):
+                xerr = [[max(f[column] - f[f"{column}_low"], 0)], [max(f[f"{column}_high"] - f[column], 0)]]
             ax.errorbar(f[column], f["b_crit"], xerr=xerr,
                         yerr=_yerr([f["b_crit"]], [f["b_crit_low"]], [f["b_crit_high"]]),
-                        fmt=marker, color=colors[f["goal"]], mfc="none" if column == "b_simple" else None,
-                        capsize=2, ms=6)
+                        fmt=marker, color=colors[f["goal"]], mfc=None if filled else "none", capsize=2, ms=6)
             values += [f[column], f["b_crit"]]
     for _, f in fits.iterrows():
-        ax.plot([], [], "o", color=colors[f["goal"]], label=str(f["goal"]))
-    ax.plot([], [], "D", color="0.4", label="x: B_simple averaged along the path")
-    ax.plot([], [], "s", color="0.4", mfc="none", label="x: B_simple at the goal")
+        ax.plot([], [], "-", color=colors[f["goal"]], label=str(f["goal"]))
+    labels = {"b_simple_path": "x: B_simple averaged along the path", "b_simple": "x: B_simple at the goal",
+              "b_noise_path": "x: B_noise averaged along the path", "b_noise": "x: B_noise at the goal"}
+    for column, marker, filled in series:
+        if column in fits and fits[column].notna().any():
+            ax.plot([], [], marker, color="0.4", mfc=None if filled else "none", ls="", label=labels[column])
     values = np.asarray([v for v in values if np.isfinite(v) and v > 0])
     if values.size:
         lo, hi = values.min() / 2, values.max() * 2
@@ -203,13 +205,13 @@ def b_crit_vs_noise_scale(fits: pd.DataFrame, subtitle: str | None = None) -> Fi
         ax.set_xscale("log")
         ax.set_yscale("log")
     else:
-        ax.text(0.5, 0.5, "nothing to show: no goal has both a fit and a B_simple", transform=ax.transAxes,
+        ax.text(0.5, 0.5, "nothing to show: no goal has both a fit and a noise scale", transform=ax.transAxes,
                 ha="center")
-    ax.set_xlabel("noise scale B_simple")
+    ax.set_xlabel("noise scale")
     ax.set_ylabel("critical batch size B_crit (fit)")
     ax.legend(fontsize=7, loc="best")
     ax.grid(True, which="major", alpha=0.3)
-    _title(ax, "B_crit against B_simple at each goal", subtitle)
+    _title(ax, "B_crit against the noise scales at each goal", subtitle)
     return fig
 
 

@@ -12,10 +12,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+from critbatch.config import GRID_AXES, NOT_IDENTITY, RunConfig, identity_settings, without
+from critbatch.typecheck import field_hints
 
 # 2: goals say whether they were censored (met before the first valid measurement) and carry the
 # noise estimate's standard errors and its path average; the summary carries B_simple at
@@ -35,9 +38,9 @@ FINISHED_STATUSES = (COMPLETED, DIVERGED, STALLED, BUDGET_EXHAUSTED, FAILED)
 STATUSES = (RUNNING, *FINISHED_STATUSES)
 
 # The settings that identify a run: two runs agreeing on these are the same run, so a relaunch
-# can skip it. Wall-clock and bookkeeping settings (log intervals, device) are left out on purpose.
-IDENTITY_KEYS = ("task", "optimizer", "batch_size", "seed", "goals", "budget", "sampling",
-                 "noise_scale", "smoothing", "divergence")
+# can skip it. Derived from RunConfig: every field but those in config.NOT_IDENTITY (bookkeeping,
+# the device, where the data lives), so a field added to RunConfig is part of the identity.
+IDENTITY_KEYS = tuple(name for name in field_hints(RunConfig) if name not in NOT_IDENTITY)
 
 
 def _canonical(value: Any) -> str:
@@ -45,23 +48,19 @@ def _canonical(value: Any) -> str:
 
 
 def _identity(config: dict) -> dict:
-    identity = {key: config.get(key) for key in IDENTITY_KEYS}
-    # Where the data lives is not what was run: moving a dataset must not redo complete runs.
-    identity["task"] = {k: v for k, v in (identity["task"] or {}).items() if k != "data_dir"}
-    return identity
+    return identity_settings(config)
 
 
 def run_id(config: dict) -> str:
-    """A short stable hash of the settings that identify a run (see IDENTITY_KEYS)."""
+    """A short stable hash of the settings that identify a run (every setting of RunConfig
+    but config.NOT_IDENTITY)."""
     return hashlib.sha256(_canonical(_identity(config)).encode()).hexdigest()[:12]
 
 
 def variant_settings(config: dict) -> dict:
     """What the runs of one sweep share: a run's identity less the grid's axes (batch size,
-    optimizer.lr, seed), as flat dotted keys, e.g. {"budget.max_steps": 400, ...}."""
-    identity = _identity(config)
-    identity.pop("batch_size"), identity.pop("seed")
-    identity["optimizer"] = {k: v for k, v in (identity["optimizer"] or {}).items() if k != "lr"}
+    optimizer.lr, seed: config.GRID_AXES), as flat dotted keys, e.g. {"budget.max_steps": 400, ...}."""
+    identity = without(_identity(config), GRID_AXES)
     flat: dict = {}
 
     def walk(prefix: str, value) -> None:
@@ -116,11 +115,19 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_record(path: str | os.PathLike, record: dict) -> None:
-    """Write `record` to `path` atomically: a reader sees the old file or the new one, never half."""
+    """Write `record` to `path` atomically: a reader sees the old file or the new one, never half.
+    The file gets the permissions the umask gives (0644 under the usual 022, 0664 under 002), so
+    lab-mates can read a sweep on shared scratch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_safe(record), allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:  # not mkstemp: its files are 0600 whatever the umask
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -260,37 +267,83 @@ def _current_variant(sweep_dir: Path) -> str | None:
     return variant if isinstance(variant, str) else None
 
 
-def _read_finished(sweep_dir) -> tuple[list[tuple[Path, dict]], list[dict]]:
-    """Finished records, and the problems (partial or unreadable records) named by path."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
-    finished, problems = [], []
-    variant = _current_variant(sweep_dir)
-    for path in iter_record_paths(sweep_dir):
+def sweep_root(path: Path, given: Path) -> Path:
+    """The sweep directory a record belongs to: the one that holds its runs/ folder, or `given`."""
+    if path.parent.parent.name == RUNS_DIR and len(path.parents) > 2:
+        return path.parents[2]
+    return given
+
+
+def _labels(roots: Sequence[Path]) -> dict[Path, str]:
+    """A short unique name per sweep directory: its name, or where names repeat its path below
+    the directories' common parent."""
+    names = [root.name or str(root) for root in roots]
+    if len(set(names)) == len(names):
+        return dict(zip(roots, names))
+    common = Path(os.path.commonpath([str(r.resolve()) for r in roots]))
+    return {root: str(root.resolve().relative_to(common)) if root.resolve() != common else root.name
+            for root in roots}
+
+
+def _read_finished(sweep_dirs) -> tuple[list[tuple[Path, dict, str]], list[dict], list[str]]:
+    """Finished records with the label of their sweep, the problems (partial or unreadable
+    records, records of a variant other than the one its sweep.json names) named by path, and
+    notes (a sweep directory without sweep.json whose records are of several variants)."""
+    dirs = [Path(d) for d in ([sweep_dirs] if isinstance(sweep_dirs, (str, os.PathLike)) else sweep_dirs)]
+    if not dirs:
+        raise ValueError("load_sweep: give at least one sweep directory")
+    found: list[tuple[Path, Path]] = []  # (record path, its sweep directory)
+    for sweep_dir in dirs:
+        if not sweep_dir.is_dir():
+            raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+        found += [(path, sweep_root(path, sweep_dir)) for path in iter_record_paths(sweep_dir)]
+    roots = list(dict.fromkeys([root for _, root in found] or dirs))
+    labels = _labels(roots)
+    variants = {root: _current_variant(root) for root in roots}
+    finished, problems, seen = [], [], {}
+    for path, root in found:
         try:
             record = read_record(path)
         except RecordError as exc:
             problems.append({"path": str(path), "problem": str(exc)})
             continue
-        if variant is not None and sweep_variant(record["config"]) != variant:
-            problems.append({"path": str(path), "problem": f"a run of sweep variant {sweep_variant(record['config'])}, "
-                             f"not of the variant {variant} that {SWEEP_FILE} names: not counted (another "
-                             f"sweep's settings; see sweeps.launch's +sweep.allow_new_variant)"})
+        variant, current = sweep_variant(record["config"]), variants[root]
+        if current is not None and variant != current:
+            problems.append({"path": str(path), "problem": f"a run of sweep variant {variant}, "
+                             f"not of the variant {current} that {SWEEP_FILE} names: not counted (another "
+                             f"sweep's settings; see sweeps.launch's sweep.allow_new_variant)"})
             continue
         if record["status"] == RUNNING:
             problems.append({"path": str(path), "problem": "partial record (status running): the job "
                              "was killed or is still running; relaunch the sweep to finish it"})
             continue
-        finished.append((path, record))
+        seen.setdefault(root, {}).setdefault(variant, record["config"])
+        finished.append((path, record, labels[root]))
+    notes = []
+    for root, configs in seen.items():
+        if len(configs) > 1:
+            differ = _differing(list(configs.values()))
+            notes.append(f"{root} holds runs of {len(configs)} sweep variants ({', '.join(configs)}) that differ in "
+                         f"{', '.join(differ) or 'their settings'}: they are analysed apart (column variant), "
+                         "never pooled; give each sweep its own directory")
     for problem in problems:
         warnings.warn(f"skipping {problem['path']}: {problem['problem']}", stacklevel=3)
-    return finished, problems
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return finished, problems, notes
 
 
-def _settings(record: dict, path: Path) -> dict:
+def _differing(configs: list[dict]) -> list[str]:
+    """The variant settings (dotted keys) on which these run configs do not all agree."""
+    settings = [variant_settings(c) for c in configs]
+    keys = sorted(set().union(*settings))
+    return [k for k in keys if len({_canonical(s.get(k)) for s in settings}) > 1]
+
+
+def _settings(record: dict, path: Path, sweep: str) -> dict:
     config = record["config"]
     return {
+        "sweep": sweep, "variant": sweep_variant(config),
         "run_id": record["run_id"], "run_name": record.get("run_name", path.parent.name),
         "run_dir": str(path.parent), "task": config["task"]["name"],
         "optimizer": config["optimizer"]["name"], "batch_size": int(config["batch_size"]),
@@ -304,19 +357,50 @@ def _num(value) -> float:
 
 #: per-goal values of the noise scale at the crossing (docs/records.md)
 GOAL_NOISE_COLUMNS = ("b_simple", "b_simple_se", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
-                      "trace_sigma_se", "noise_cov", "noise_updates", "b_simple_path")
+                      "trace_sigma_se", "noise_cov", "noise_updates", "b_simple_path",
+                      # B_noise (critbatch.curvature), where it was measured
+                      "b_noise", "b_noise_se", "grad_h_grad", "grad_h_grad_se", "trace_h_sigma", "trace_h_sigma_se",
+                      "b_noise_path")
 #: per-run values of the noise scale at initialisation, from the summary
-INIT_NOISE_COLUMNS = ("b_simple_init", "b_simple_init_se", "grad_sq_norm_init", "trace_sigma_init")
+INIT_NOISE_COLUMNS = ("b_simple_init", "b_simple_init_se", "grad_sq_norm_init", "trace_sigma_init",
+                      "b_noise_init", "b_noise_se_init")
 
 
-def load_sweep(sweep_dir: str | os.PathLike):
-    """All finished runs under `sweep_dir` as one row per (run, goal); see docs/records.md."""
+def load_sweep(sweep_dir: str | os.PathLike | Sequence[str | os.PathLike]):
+    """All finished runs under one sweep directory (or several) as one row per (run, goal).
+
+    Args:
+        sweep_dir: a sweep directory (holding runs/*/record.json), a folder of several sweep
+            directories, or a list of either, e.g. to compare two sweeps.
+
+    Returns:
+        A pandas DataFrame (columns: docs/records.md), with `sweep` (the name of the run's sweep
+        directory, made unique where names repeat) and `variant` (records.sweep_variant: a hash
+        of every setting but batch size, lr and seed) to tell experiments apart. Where a sweep's
+        sweep.json names its variant, only runs of that variant are read. `attrs["problems"]`
+        lists the records not read (partial, unreadable, another variant) with the reason, and
+        `attrs["notes"]` the sweep directories whose runs are of several variants (each problem
+        and note is also a warning).
+
+    >>> import tempfile
+    >>> from critbatch.train import train
+    >>> sweep = tempfile.mkdtemp()
+    >>> config = {"task": {"name": "digits", "hidden": 32}, "batch_size": 64, "device": "cpu",
+    ...           "goals": {"metric": "train_error", "thresholds": [0.5, 0.2]}}
+    >>> record = train(config)                     # a run of the sweep, written where sweeps put it
+    >>> write_record(run_dir(sweep, record["config"]) / RECORD_FILE, record)
+    >>> frame = load_sweep(sweep)
+    >>> frame[["task", "batch_size", "lr", "goal", "reached"]].values.tolist()
+    [['digits', 64, 0.1, 'train_error<=0.5', True], ['digits', 64, 0.1, 'train_error<=0.2', True]]
+    >>> frame["variant"].iloc[0] == sweep_variant(record["config"])
+    True
+    """
     import pandas as pd
 
-    finished, problems = _read_finished(sweep_dir)
+    finished, problems, notes = _read_finished(sweep_dir)
     rows = []
-    for path, record in finished:
-        settings = _settings(record, path)
+    for path, record, sweep in finished:
+        settings = _settings(record, path, sweep)
         summary = record["summary"]
         init = {k: _num(summary.get(k)) for k in INIT_NOISE_COLUMNS}
         for goal in record["goals"]:
@@ -332,25 +416,27 @@ def load_sweep(sweep_dir: str | os.PathLike):
                 **init,
                 "total_steps": summary.get("steps"), "total_examples": summary.get("examples"),
             })
-    columns = ["run_id", "run_name", "run_dir", "task", "optimizer", "batch_size", "lr", "seed",
+    columns = ["sweep", "variant", "run_id", "run_name", "run_dir", "task", "optimizer", "batch_size", "lr", "seed",
                "status", "goal_metric", "goal_threshold", "goal", "reached", "censored", "steps", "examples",
                "wall_time", *GOAL_NOISE_COLUMNS, *INIT_NOISE_COLUMNS, "total_steps", "total_examples"]
     frame = pd.DataFrame(rows, columns=columns)
     frame.attrs["problems"] = problems
+    frame.attrs["notes"] = notes
     return frame
 
 
-def load_curves(sweep_dir: str | os.PathLike):
-    """Every finished run's logged curve, one row per (run, logged step)."""
+def load_curves(sweep_dir: str | os.PathLike | Sequence[str | os.PathLike]):
+    """Every finished run's logged curve, one row per (run, logged step); see load_sweep."""
     import pandas as pd
 
-    finished, problems = _read_finished(sweep_dir)
+    finished, problems, notes = _read_finished(sweep_dir)
     frames = []
-    for path, record in finished:
+    for path, record, sweep in finished:
         curve = pd.DataFrame(record["curve"])
-        for key, value in _settings(record, path).items():
+        for key, value in _settings(record, path, sweep).items():
             curve[key] = value
         frames.append(curve)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     frame.attrs["problems"] = problems
+    frame.attrs["notes"] = notes
     return frame

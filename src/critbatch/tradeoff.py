@@ -20,7 +20,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 #: the columns that name one tradeoff curve; a table may lack task and optimizer
-GROUP_KEYS = ("task", "optimizer", "goal")
+GROUP_KEYS = ("sweep", "variant", "task", "optimizer", "goal")
 
 MIN_BATCH_SIZES_FOR_FIT = 3   # two parameters: fewer distinct B leave no degrees of freedom
 FEW_BATCH_SIZES = 5           # below this the fit rests on few points: say so
@@ -328,40 +328,13 @@ def steps_by_lr(df: pd.DataFrame) -> pd.DataFrame:
     out["n_seeds"] = grouped.size().reindex(rep["_cand"]).to_numpy()
     n_reached = np.isfinite(work["_steps"]).groupby(work["_cand"]).sum()
     out["n_reached"] = n_reached.reindex(rep["_cand"]).to_numpy()
-    measured = np.isfinite(work["_steps"]) & (work["_steps"] > 0)
-    b_simple = work["b_simple"].where(measured)
+    b_simple = work["b_simple"].where(np.isfinite(work["_steps"]) & (work["_steps"] > 0))
     out["b_simple"] = b_simple.groupby(work["_cand"]).median().reindex(rep["_cand"]).to_numpy()
-    for column, values in _pooled_over_seeds(work, measured).items():
-        out[column] = values.reindex(rep["_cand"]).to_numpy()
     out["reached"] = np.isfinite(median)
     out.loc[~out["reached"], ["steps", "run_name"]] = [np.nan, None]
     out.loc[out["censored"], carried + ["b_simple"]] = np.nan
     out["examples"] = out["batch_size"] * out["steps"]
     return out.reset_index(drop=True)
-
-
-def _pooled_over_seeds(work: pd.DataFrame, measured: pd.Series) -> dict[str, pd.Series]:
-    """The noise-scale estimates of a (goal, B, lr) cell from all its seeds that measured the goal:
-    |G|^2 and tr(Sigma) pooled with weights 1/se(|G|^2)^2 (as noise_scale_summary pools batch
-    sizes, so pooling cells pools runs), their standard errors and covariance; b_simple_path and
-    b_simple_init as medians. Per _cand; missing where no seed gives them."""
-    out = {}
-    if "b_simple_path" in work.columns:
-        out["b_simple_path"] = work["b_simple_path"].where(measured).groupby(work["_cand"]).median()
-    if not {"grad_sq_norm", "grad_sq_norm_se", "trace_sigma", "trace_sigma_se"} <= set(work.columns):
-        return out
-    g, g_se = work["grad_sq_norm"].astype(float), work["grad_sq_norm_se"].astype(float)
-    t, t_se = work["trace_sigma"].astype(float), work["trace_sigma_se"].astype(float)
-    cov = work["noise_cov"].astype(float).fillna(0.0) if "noise_cov" in work.columns else 0.0 * g
-    usable = measured & np.isfinite(g) & np.isfinite(g_se) & (g_se > 0) & np.isfinite(t) & np.isfinite(t_se)
-    w = (1.0 / g_se ** 2).where(usable, 0.0)
-    sums = pd.DataFrame({"w": w, "wg": w * g.fillna(0), "wt": w * t.fillna(0), "wwtt": (w * t_se) ** 2,
-                         "wwc": w ** 2 * cov}).where(usable, 0.0).groupby(work["_cand"]).sum()
-    total = sums["w"].where(sums["w"] > 0)
-    out.update(grad_sq_norm=sums["wg"] / total, trace_sigma=sums["wt"] / total, grad_sq_norm_se=1.0 / np.sqrt(total),
-               trace_sigma_se=np.sqrt(sums["wwtt"]) / total, noise_cov=sums["wwc"] / total ** 2)
-    out["noise_runs"] = usable.groupby(work["_cand"]).sum()
-    return out
 
 
 def lr_grids(df: pd.DataFrame) -> pd.DataFrame:
@@ -521,8 +494,8 @@ def fit_all_goals(best: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0,
     noise and the winner's curse of picking the best lr. Otherwise `*_boot_low/high` are
     residual-bootstrap intervals of the fit alone.
 
-    The noise scale at the goal (noise_scale_summary): B_simple pooled over the fitted best runs,
-    its path average and its value at initialisation.
+    The noise scale at the goal (noise_scale_summary): B_simple over every run of the fitted
+    best cells, its path average and its value at initialisation.
     """
     keys = group_keys(best)
     rows = []
@@ -550,7 +523,7 @@ def fit_all_goals(best: pd.DataFrame, level: float = 0.95, n_bootstrap: int = 0,
                               else f"no best run took {min_steps:g} steps or more")
         row.update(fit.as_row())
         row.update(_seed_bootstrap(seeded, fit, n_bootstrap, level, seed))
-        row.update(noise_scale_summary(hit))
+        row.update(noise_scale_summary(best_cell_runs(runs, row, hit), seed=seed))
         grid_factor = _grid_factor(hit)
         lr_fit = _lr_fit_for(hit, level, grid_factor)
         row.update(lr_grid_factor=grid_factor, lr_eps_max=lr_fit.eps_max, lr_eps_max_low=lr_fit.eps_max_ci[0],
@@ -630,68 +603,82 @@ def _seed_bootstrap(seeded, fit: TradeoffFit, n_bootstrap: int, level: float, se
 # The noise scale at a goal
 
 
-def noise_scale_summary(hit: pd.DataFrame) -> dict:
-    """B_simple at a goal from its best runs (one per batch size):
+def best_cell_runs(runs: pd.DataFrame | None, row: dict, hit: pd.DataFrame) -> pd.DataFrame:
+    """Every run (all seeds) of the best (B, lr) cells in `hit` that measured the goal: the runs
+    whose noise scale at the goal is summarised. Without `runs`, the best-run rows themselves."""
+    if runs is None or "lr" not in runs.columns or hit.empty:
+        return hit
+    sel = runs[runs["goal"] == row["goal"]] if "goal" in row else runs
+    for k in [k for k in GROUP_KEYS if k in row and k != "goal" and k in runs.columns]:
+        sel = sel[sel[k] == row[k]]
+    cells = pd.MultiIndex.from_frame(hit[["batch_size", "lr"]])
+    sel = sel[pd.MultiIndex.from_frame(sel[["batch_size", "lr"]]).isin(cells)]
+    measured = sel["reached"].astype(bool) & pd.to_numeric(sel["steps"], errors="coerce").gt(0)
+    if "censored" in sel.columns:
+        measured &= ~sel["censored"].astype(bool)
+    return sel[measured] if measured.any() else hit
 
-    - `b_simple`: pooled over the runs as sums of numerators and denominators, each run's
-      |G|^2 and tr(Sigma) estimates weighted by 1/se(|G|^2)^2, then their ratio; `b_simple_se`
-      by the delta method. Where |G|^2 is not resolved (pooled estimate below twice its standard
-      error) `b_simple_resolved` is False and `b_simple_lower` = tr(Sigma)/(|G|^2 + 2 se) is what
-      the data say. Runs without standard errors (a plain table) fall back to the median of b_simple.
-    - `b_simple_path`: the median over the runs of B_simple averaged along the path to the goal
+
+def noise_scale_summary(rows: pd.DataFrame, n_bootstrap: int = 400, seed: int = 0) -> dict:
+    """The noise scales at a goal from the runs that reached it best (one row per run, all seeds of
+    the best lr at each batch size): `b_simple_*` (tr(Sigma)/|G|^2) and, where measured,
+    `b_noise_*` (tr(H Sigma)/G^T H G), each from _median_noise_scale."""
+    out = _median_noise_scale(rows, "b_simple", "grad_sq_norm", "trace_sigma", n_bootstrap, seed)
+    out.update(_median_noise_scale(rows, "b_noise", "grad_h_grad", "trace_h_sigma", n_bootstrap, seed))
+    return out
+
+
+def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerator: str,
+                        n_bootstrap: int, seed: int) -> dict:
+    """For the noise scale `name` = numerator / denominator (e.g. B_simple = tr(Sigma)/|G|^2):
+
+    - `name`: the median over the runs of their value at the goal (each measured at the
+      parameters that crossed it), with a 95% bootstrap interval over the runs (`name_low/high`).
+      A run whose denominator is not resolved (below twice its standard error) is not dropped: it
+      counts with its lower bound numerator/(denominator + 2 se); if the median rests on such a
+      bound, `name_resolved` is False and the median is itself a lower bound.
+    - `name_path`: the median over the runs of the noise scale averaged along the path to the goal
       (what S = S_min + E_min/B integrates, to be compared with B_crit).
-    - `b_simple_init`: the median over the runs of B_simple at initialisation.
+    - `name_init`: the median over the runs of its value at initialisation.
+    Rows without standard errors (a plain table) count as resolved.
     """
-    out = {"b_simple": math.nan, "b_simple_se": math.nan, "b_simple_resolved": False, "b_simple_lower": math.nan,
-           "b_simple_n": 0, "b_simple_unresolved_runs": 0, "b_simple_min": math.nan, "b_simple_max": math.nan,
-           "b_simple_batch_sizes": "", "b_simple_runs": "", "b_simple_path": math.nan,
-           "b_simple_path_min": math.nan, "b_simple_path_max": math.nan, "b_simple_init": math.nan}
-    if hit.empty:
+    out = {name: math.nan, f"{name}_low": math.nan, f"{name}_high": math.nan, f"{name}_resolved": False,
+           f"{name}_n": 0, f"{name}_unresolved_runs": 0, f"{name}_min": math.nan, f"{name}_max": math.nan,
+           f"{name}_batch_sizes": "", f"{name}_runs": "", f"{name}_path": math.nan,
+           f"{name}_path_min": math.nan, f"{name}_path_max": math.nan, f"{name}_init": math.nan}
+    if rows.empty:
         return out
-    numeric = {c: pd.to_numeric(hit[c], errors="coerce").to_numpy(dtype=float) if c in hit.columns
-               else np.full(len(hit), np.nan) for c in ("b_simple", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
-                                                        "trace_sigma_se", "noise_cov", "b_simple_path", "b_simple_init")}
-    g, g_se, t, t_se, cov = (numeric[c] for c in ("grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
-                                                  "trace_sigma_se", "noise_cov"))
-    usable = np.isfinite(g) & np.isfinite(g_se) & (g_se > 0) & np.isfinite(t) & np.isfinite(t_se)
-    if usable.any():
-        w = 1.0 / g_se[usable] ** 2
-        total = w.sum()
-        pooled_g, pooled_t = (w * g[usable]).sum() / total, (w * t[usable]).sum() / total
-        var_g = (w ** 2 * g_se[usable] ** 2).sum() / total ** 2
-        var_t = (w ** 2 * t_se[usable] ** 2).sum() / total ** 2
-        cov_gt = (w ** 2 * np.nan_to_num(cov[usable])).sum() / total ** 2
-        resolved = pooled_g > 2 * math.sqrt(var_g)
-        if pooled_g > 0:
-            b = pooled_t / pooled_g
-            out["b_simple"] = b
-            out["b_simple_se"] = abs(b) * math.sqrt(max(var_t / pooled_t ** 2 + var_g / pooled_g ** 2
-                                                        - 2 * cov_gt / (pooled_t * pooled_g), 0.0))
-        out["b_simple_resolved"] = bool(resolved)
-        out["b_simple_lower"] = pooled_t / (pooled_g + 2 * math.sqrt(var_g)) if pooled_g + 2 * math.sqrt(var_g) > 0 \
-            else math.nan
-        out["b_simple_unresolved_runs"] = int((g[usable] <= 2 * g_se[usable]).sum())
-        chosen = usable
-    else:  # a plain table: b_simple only
-        chosen = np.isfinite(numeric["b_simple"]) & (numeric["b_simple"] > 0)
-        if chosen.any():
-            out["b_simple"] = float(np.median(numeric["b_simple"][chosen]))
-            out["b_simple_resolved"] = True
-    per_run = numeric["b_simple"][chosen]
-    per_run = per_run[np.isfinite(per_run) & (per_run > 0)]
-    if per_run.size:
-        out["b_simple_min"], out["b_simple_max"] = float(per_run.min()), float(per_run.max())
-    out["b_simple_n"] = int(chosen.sum())
-    out["b_simple_batch_sizes"] = " ".join(f"{b:g}" for b in hit["batch_size"].to_numpy()[chosen])
-    if "run_name" in hit.columns:
-        out["b_simple_runs"] = ";".join(str(r) for r in hit["run_name"].to_numpy()[chosen])
-    path = numeric["b_simple_path"][np.isfinite(numeric["b_simple_path"]) & (numeric["b_simple_path"] > 0)]
+    col = {c: pd.to_numeric(rows[c], errors="coerce").to_numpy(dtype=float) if c in rows.columns
+           else np.full(len(rows), np.nan) for c in (name, denominator, f"{denominator}_se", numerator,
+                                                     f"{name}_path", f"{name}_init")}
+    g, g_se, t = col[denominator], col[f"{denominator}_se"], col[numerator]
+    has_se = np.isfinite(g) & np.isfinite(g_se) & np.isfinite(t)
+    resolved = np.where(has_se, g > 2 * g_se, np.isfinite(col[name]) & (col[name] > 0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lower = np.where(has_se & (g + 2 * g_se > 0), t / (g + 2 * g_se), np.nan)
+    value = np.where(resolved, col[name], lower)  # an unresolved run: its lower bound
+    counted = np.isfinite(value) & (value > 0)
+    if counted.any():
+        values, is_bound = value[counted], ~resolved[counted]
+        median = float(np.median(values))
+        out[name] = median
+        # the median is a measurement only if no lower bound sits at or below it
+        out[f"{name}_resolved"] = not bool((is_bound & (values <= median)).any())
+        out[f"{name}_unresolved_runs"] = int(is_bound.sum())
+        boot = np.median(np.random.default_rng(seed).choice(values, (n_bootstrap, values.size)), axis=1)
+        out[f"{name}_low"], out[f"{name}_high"] = (float(q) for q in np.quantile(boot, [0.025, 0.975]))
+        out[f"{name}_min"], out[f"{name}_max"] = float(values.min()), float(values.max())
+    out[f"{name}_n"] = int(counted.sum())
+    out[f"{name}_batch_sizes"] = " ".join(f"{b:g}" for b in sorted(set(rows["batch_size"].to_numpy()[counted])))
+    if "run_name" in rows.columns:
+        out[f"{name}_runs"] = ";".join(str(r) for r in rows["run_name"].to_numpy()[counted])
+    path = col[f"{name}_path"][np.isfinite(col[f"{name}_path"]) & (col[f"{name}_path"] > 0)]
     if path.size:
-        out["b_simple_path"] = float(np.median(path))
-        out["b_simple_path_min"], out["b_simple_path_max"] = float(path.min()), float(path.max())
-    init = numeric["b_simple_init"][np.isfinite(numeric["b_simple_init"])]
+        out[f"{name}_path"] = float(np.median(path))
+        out[f"{name}_path_min"], out[f"{name}_path_max"] = float(path.min()), float(path.max())
+    init = col[f"{name}_init"][np.isfinite(col[f"{name}_init"])]
     if init.size:
-        out["b_simple_init"] = float(np.median(init))
+        out[f"{name}_init"] = float(np.median(init))
     return out
 
 
@@ -757,9 +744,8 @@ def _goal_warnings(fit: TradeoffFit, hit: pd.DataFrame, missed: list, lr_fit: Lr
         if np.isfinite(lo) and hi / lo > WIDE_INTERVAL:
             notes.append(f"B_crit interval is wide ({_fmt(lo)}..{_fmt(hi)})")
     if row.get("b_simple_n") and not row.get("b_simple_resolved"):
-        notes.append(f"|G|^2 not resolved at this goal (pooled over {row['b_simple_n']} runs): B_simple is "
-                     f"at least {_fmt(row['b_simple_lower'])} (measure more often with noise_scale.every, or "
-                     "add larger batch sizes)")
+        notes.append(f"|G|^2 not resolved at this goal in {row['b_simple_unresolved_runs']} of {row['b_simple_n']} "
+                     f"runs: B_simple is at least {_fmt(row['b_simple'])} (probe longer: noise_scale.probe_batches)")
     elif hit.shape[0] and not row.get("b_simple_n") and "b_simple" in hit.columns:
         notes.append("no best run measured B_simple at this goal")
     grid_factor = row.get("lr_grid_factor", math.nan)

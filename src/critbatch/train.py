@@ -14,6 +14,8 @@ now and then, so a killed job leaves a record marked "running".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -23,18 +25,25 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from critbatch import records
 from critbatch.config import ConfigError, RunConfig
 from critbatch.cuda_graphs import TrainSteps, use_cuda_graphs
-from critbatch.gns import NoiseScale, micro_batch_sq_norms
+from critbatch.curvature import curvature_batch_sizes, curvature_forms_autograd, curvature_state
+from critbatch.gns import NoiseScale, micro_batch_sq_norms, noise_micro_batches
 from critbatch.micro_grads import MicroBatchNorms
+from critbatch.optimizers import make_optimizer
 from critbatch.monitor import GoalCrossings, NoiseMeasurements, RunBook, SmoothedMetrics, log_steps, stop_reason
 from critbatch.tasks import Task
 
 INIT_MAX_BATCHES = 200   # B_simple at initialisation: at most this many measuring batches
+MAX_SNAPSHOTS = 32       # parameter copies kept for the noise probe at goals
+_INITIAL_NOISE: dict[str, dict] = {}  # Training._initial_noise's measurements, by what they depend on
+INIT_CURVATURE_BATCHES = 64      # B_noise at initialisation: at most this many batches (or hessian_probe_batches)
+MAX_CURVATURE_MICRO_BATCH = 4096  # examples per micro-batch of a B_noise probe
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,16 +52,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but torch sees no CUDA device; use device=auto or device=cpu")
     return torch.device(name)
-
-
-def make_optimizer(params, opt, capturable: bool = False) -> torch.optim.Optimizer:
-    """capturable: Adam keeps its step count on the device, so that a CUDA graph can replay it."""
-    if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
-    if opt.name == "momentum":
-        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-    return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
-                            capturable=capturable)
 
 
 class BatchSampler:
@@ -88,14 +87,6 @@ class Batches:
             return self.task.sample(self.batch_size, self.generator)
         index = self.sampler.next()
         return self.task.inputs.index_select(0, index), self.task.targets.index_select(0, index)
-
-
-def noise_micro_batches(batch_size: int, wanted: int) -> int:
-    """The largest k <= wanted that splits the batch into equal micro-batches (1: cannot measure)."""
-    for k in range(min(wanted, batch_size), 1, -1):
-        if batch_size % k == 0:
-            return k
-    return 1
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -174,6 +165,31 @@ class PlainStep(TrainSteps):
     def module(self, member: int) -> nn.Module:
         return self.model
 
+    def curvature(self, x, y, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The curvature forms of B_noise on this batch (critbatch.curvature), without an update."""
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # dropout here leaves training's stream
+            small, big = curvature_forms_autograd(self.model, self.task.loss, x, y, micro_batches)
+        return small.reshape(1), big.reshape(1)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the parameters (for the noise probe at a goal's crossing)."""
+        return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    @contextlib.contextmanager
+    def swapped(self, snapshot: dict[str, torch.Tensor]):
+        """The parameters of `snapshot` in place of the current ones, in the same tensors."""
+        current = self.snapshot()
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
+
     def keep(self, members: torch.Tensor) -> None:
         """A pack of one never shrinks: it ends with its run."""
 
@@ -195,26 +211,47 @@ def initial_mean_loss(step, batches: Batches, min_examples: int) -> float:
     return sum(float(batches.task.loss(model(x), y)) for x, y in (batches.next() for _ in range(count))) / count
 
 
-def initial_noise_scale(step, task: Task, config: RunConfig, device, micro_batches: int) -> dict:
-    """B_simple of the initial parameters (the paper's "start" column), measured before training on
-    batches of max(B, init_batch_size) examples (at most the dataset), until its standard error
-    is below noise_scale.init_precision of it or INIT_MAX_BATCHES batches are spent."""
-    ns = config.noise_scale
-    size = max(config.batch_size, ns.init_batch_size)
-    if task.dataset_size is not None:
-        size = min(size, task.dataset_size)
-    k = micro_batches
+def probe_noise(step, task: Task, config: RunConfig, device, micro_batches: int, seed: int, max_batches: int,
+                members: list[int] | None = None, curvature_batches: int = 0) -> tuple[list[NoiseScale], list | None]:
+    """B_simple (and, on at most `curvature_batches` batches, B_noise) of the step's current
+    parameters, per member, from batches drawn for it alone with replacement:
+    max(B, noise_scale.probe_batch_size) examples each, until the standard error of every asked
+    member's estimate is below noise_scale.probe_precision of it or `max_batches` batches are
+    spent. At fixed parameters the estimates are unbiased; no training batch is used, so the choice
+    of the parameters (a goal judged on those batches) cannot bias them.
+    Returns (B_simple estimates, B_noise estimates or None), NoiseScales fed with every batch."""
+    ns, k = config.noise_scale, micro_batches
+    size = max(config.batch_size, ns.probe_batch_size)
     size -= size % k
-    batches = Batches(task, size, "with_replacement", config.seed + 104_729, device)
-    noise = NoiseScale()  # a plain mean: the parameters do not move
-    for draw in range(INIT_MAX_BATCHES):
-        small, big = step.measure(*batches.next(), k)
-        noise.update(float(small[0]), float(big[0]), size // k, size)
-        if draw >= 7 and noise.resolved and noise.b_simple_se < ns.init_precision * noise.b_simple:
+    batches = Batches(task, size, "with_replacement", seed, device)
+    simple = [NoiseScale() for _ in range(step.members)]  # plain means: the parameters do not move
+    noise = [NoiseScale() for _ in range(step.members)] if curvature_batches else None
+    wanted = range(step.members) if members is None else members
+
+    def precise(estimates, draws):
+        return draws >= 8 and all(estimates[i].resolved and estimates[i].b_simple_se < ns.probe_precision
+                                  * estimates[i].b_simple for i in wanted)
+
+    for draw in range(max_batches):
+        if precise(simple, draw):
             break
-    return {"b_simple_init": noise.b_simple, "b_simple_init_se": noise.b_simple_se,
-            "grad_sq_norm_init": noise.grad_sq_norm, "trace_sigma_init": noise.trace_sigma,
-            "noise_init_batches": noise.updates, "noise_init_batch_size": size}
+        small, big = step.measure(*batches.next(), k)
+        for estimate, s, b in zip(simple, small.tolist(), big.tolist()):
+            estimate.update(s, b, size // k, size)
+    if noise is None:
+        return simple, None
+    # B_noise is best resolved from micro-batches about B_noise large (below it G^T H G is buried in
+    # noise, above it tr(H Sigma) is): B_simple, just measured, stands in for it
+    guess = np.median([simple[i].b_simple for i in wanted if simple[i].resolved] or [math.inf])
+    micro = int(min(max(size // k, guess if math.isfinite(guess) else 0), MAX_CURVATURE_MICRO_BATCH))
+    curving = Batches(task, micro * k, "with_replacement", seed + 1, device)
+    for draw in range(curvature_batches):
+        if precise(noise, draw):
+            break
+        small, big = step.curvature(*curving.next(), k)
+        for estimate, s, b in zip(noise, small.tolist(), big.tolist()):
+            estimate.update(s, b, *curvature_batch_sizes(micro * k, k))
+    return simple, noise
 
 
 @contextlib.contextmanager
@@ -298,12 +335,21 @@ class Training:
         # the curve column of the smoothed goal metric, which the no-progress rule watches
         self.goal_key = f"smoothed_{metric}" if self.goal_source is self.evaluated else metric
         self.noise = NoiseMeasurements(B // self.k, B, ns.every, ns.relative_window, ns.min_examples / B)
+        # B_noise (critbatch.curvature): on a measuring step's batch, at most every `every` x hessian_every steps
+        self.curving = self.k > 1 and ns.hessian_every > 0
+        self.curvature = NoiseMeasurements(*curvature_batch_sizes(B, max(self.k, 3)), ns.every, ns.relative_window,
+                                           ns.min_examples / B, into="add_curvature")
+        self.last_curvature: int | None = None  # the step of the last B_noise measurement
         self.step = 0
         self.last_evaluation: int | None = None   # the step of the latest evaluation
         self.last_scheduled: int | None = None    # ... and of the latest one on the evaluation schedule
         self.latest_evaluation: list[dict] = [{} for _ in configs]
         self.next_log, self.next_eval = 0, 0 if self.goal_source is self.evaluated else -1
         self.elapsed = 0.0  # seconds of training so far
+        # recent parameters, so that B_simple at a goal is probed at the parameters that crossed it
+        self.probing = self.k > 1 and ns.probe_batches > 0
+        self.snapshots: list[tuple[int, dict]] = []
+        self.next_snapshot = 0
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.interrupt, self._last_checkpoint = interrupt, time.perf_counter()
         if resume is not None:
@@ -321,7 +367,7 @@ class Training:
         with untouched(self.step_fn.module(0), device):
             initial_loss = initial_mean_loss(self.step_fn, Batches(task, B, "with_replacement", config.seed + 7_919,
                                                                    device), smoothing.min_examples)
-            initial_noise = initial_noise_scale(self.step_fn, task, config, device, self.k) if self.k > 1 else {}
+            initial_noise = self._initial_noise() if self.k > 1 else {}
         for book in self.books:
             book.started(initial_loss, initial_noise, device=str(device), path="packed" if packed else "plain",
                          packed_members=members, noise_micro_batches=self.k, cuda_graphs=graphs,
@@ -344,9 +390,14 @@ class Training:
                 self.elapsed = time.perf_counter() - start
                 if not self.log():
                     return
+            if self.probing and self.step >= self.next_snapshot:
+                self.take_snapshot()
             # ---- one training step ----
             x, y = self.batches.next()
             measure = self.k > 1 and self.noise.due(self.step)
+            if measure and self.curvature_due():
+                self.curvature.add(*self.step_fn.curvature(x, y, self.k), self.step)  # before the update
+                self.last_curvature = self.step
             metrics, norms = self.step_fn(x, y, measure)
             if measure:
                 self.noise.add(*norms, self.step)
@@ -357,6 +408,11 @@ class Training:
             if config.budget.max_seconds is not None and self.step % 64 == 0 \
                     and time.perf_counter() - start >= config.budget.max_seconds:
                 self.next_log = self.step  # log and stop at the top of the loop
+
+    def curvature_due(self) -> bool:
+        ns = self.config.noise_scale
+        return self.curving and (self.last_curvature is None
+                                 or self.step - self.last_curvature >= ns.every * ns.hessian_every)
 
     def evaluate(self) -> None:
         """Evaluate every member's eval metrics at this step. On the steps of the evaluation
@@ -381,16 +437,21 @@ class Training:
         """A curve point for every member; finished members leave the pack. False when none is left."""
         step, now = self.step, self.elapsed
         self.noise.flush(self.books)
+        self.curvature.flush(self.books)
         crossed = self.goals.crossed_at.tolist()
         evaluated = self.latest_evaluation
         smoothed_eval = self.evaluated.member_dicts("smoothed_") if self.goal_source is self.evaluated \
             else [{}] * len(self.books)
+        newly = [[j for j, (goal, at) in enumerate(zip(book.record["goals"], crossed[i])) if not goal["reached"] and at >= 0]
+                 for i, book in enumerate(self.books)]
         for i, (book, metrics) in enumerate(zip(self.books, self.smoothed.member_dicts("train_"))):
             if step == 0:
                 metrics = {key: math.nan for key in metrics}
             if self.step_fn.failure:
                 book.record["summary"].update(cuda_graphs=False, cuda_graph_failure=self.step_fn.failure)
             book.log(step, now, {**metrics, **evaluated[i], **smoothed_eval[i]}, crossed[i])
+        self.probe_goals(newly, crossed)
+        for i, book in enumerate(self.books):
             outcome = stop_reason(book, step, now, self.goal_key)
             if outcome is not None:
                 book.finish(*outcome)
@@ -399,16 +460,78 @@ class Training:
         keep = [i for i, book in enumerate(self.books) if not book.finished]
         if len(keep) < len(self.books) and keep:  # finished and diverged members leave the pack
             members = torch.tensor(keep, device=self.device)
-            for part in (self.step_fn, self.smoothed, self.evaluated, self.goals, self.noise):
+            for part in (self.step_fn, self.smoothed, self.evaluated, self.goals, self.noise, self.curvature):
                 part.keep(members)
             self.books = [self.books[i] for i in keep]
             self.latest_evaluation = [self.latest_evaluation[i] for i in keep]
+            if self.packed:
+                self.snapshots = [(at, {name: v[members] for name, v in snap.items()}) for at, snap in self.snapshots]
             self.step_fn.reset()
         while self.next_log <= step:
             self.next_log = next(self.log_schedule)
         if keep and time.perf_counter() - self._last_checkpoint > self.config.log.checkpoint_seconds:
             self.save_checkpoint()
         return bool(keep)
+
+    def _initial_noise(self) -> dict:
+        """B_simple (and B_noise) at initialisation, for the summary: measured once per process for
+        every run that starts from the same parameters (same task, seed and probe settings)."""
+        config = self.config
+        key = json.dumps([config.task, config.seed, dataclasses.asdict(config.noise_scale), self.k,
+                          max(config.batch_size, config.noise_scale.probe_batch_size), str(self.device)],
+                         sort_keys=True, default=str)
+        if key not in _INITIAL_NOISE:
+            simple, curvature = probe_noise(
+                self.step_fn, self.task, config, self.device, self.k, config.seed + 104_729, INIT_MAX_BATCHES,
+                members=[0], curvature_batches=max(INIT_CURVATURE_BATCHES, config.noise_scale.hessian_probe_batches)
+                if self.curving else 0)
+            noise = simple[0]  # every member starts from these parameters
+            measured = {"b_simple_init": noise.b_simple, "b_simple_init_se": noise.b_simple_se,
+                        "grad_sq_norm_init": noise.grad_sq_norm, "trace_sigma_init": noise.trace_sigma,
+                        "noise_init_batches": noise.updates}
+            if curvature is not None:
+                measured.update({f"{key}_init": value for key, value in curvature_state(curvature[0]).items()
+                                 if key in ("b_noise", "b_noise_se", "grad_h_grad", "trace_h_sigma",
+                                            "curvature_updates")})
+            _INITIAL_NOISE[key] = measured
+        return dict(_INITIAL_NOISE[key])
+
+    # ---- B_simple at a goal: probed at the parameters that crossed it ----
+
+    def take_snapshot(self) -> None:
+        """Keep the parameters now, and those of the recent past in which a goal's crossing can lie
+        (its smoothing window behind the step where it is noticed): for the last 10% of the steps
+        (or two of the smallest windows), 1% of the steps apart, at most MAX_SNAPSHOTS of them."""
+        step, min_window = self.step, self.config.smoothing.min_examples / self.config.batch_size
+        self.snapshots.append((step, self.step_fn.snapshot()))
+        reach = max(0.1 * step, 2 * min_window, 8)
+        self.snapshots = [(at, snap) for at, snap in self.snapshots if at >= step - reach]
+        self.next_snapshot = step + max(1, int(0.01 * step), int(reach / MAX_SNAPSHOTS))
+
+    def probe_goals(self, newly: list[list[int]], crossed: list[list[float]]) -> None:
+        """For every goal a member newly crossed: B_simple of the kept parameters nearest its
+        crossing step, probed with batches of its own (probe_noise), into the member's book."""
+        if not self.probing or not any(newly) or not self.snapshots:
+            return
+        wanted: dict[int, list[tuple[int, int]]] = {}  # snapshot index -> (member, goal)
+        for i, goals in enumerate(newly):
+            for j in goals:
+                nearest = min(range(len(self.snapshots)), key=lambda n: abs(self.snapshots[n][0] - crossed[i][j]))
+                wanted.setdefault(nearest, []).append((i, j))
+        ns = self.config.noise_scale
+        with untouched(self.step_fn.module(0), self.device):
+            for index, pairs in wanted.items():
+                at, snapshot = self.snapshots[index]
+                with self.step_fn.swapped(snapshot):
+                    simple, curvature = probe_noise(self.step_fn, self.task, self.config, self.device, self.k,
+                                                    self.config.seed + 104_729 + at, ns.probe_batches,
+                                                    members=sorted({i for i, _ in pairs}),
+                                                    curvature_batches=ns.hessian_probe_batches if self.curving else 0)
+                for i, j in pairs:
+                    state = simple[i].state()
+                    if curvature is not None:
+                        state.update(curvature_state(curvature[i]))
+                    self.books[i].goal_noise(j, state, probed_at=at)
 
     # ---- checkpoints: the whole state, so that a resumed run continues exactly as it would have ----
 
@@ -421,6 +544,7 @@ class Training:
         if self.checkpoint_path is None:
             return
         self.noise.flush(self.books)  # measurements pending on the device go into the books first
+        self.curvature.flush(self.books)
         state = self.state_dict()
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.checkpoint_path.parent, prefix=".checkpoint.", suffix=".tmp")
@@ -449,6 +573,9 @@ class Training:
             "step_fn": self.step_fn.state_dict(), "smoothed": self.smoothed.state_dict(),
             "evaluated": self.evaluated.state_dict(), "goals": self.goals.state_dict(),
             "noise": self.noise.state_dict(), "books": [book.state_dict() for book in self.books],
+            "curvature": self.curvature.state_dict(), "last_curvature": self.last_curvature,
+            "snapshots": [(at, {k: v.cpu() for k, v in snap.items()}) for at, snap in self.snapshots],
+            "next_snapshot": self.next_snapshot,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -463,8 +590,11 @@ class Training:
             self.batches.sampler._order = state["batches"]["order"].to(self.device)
         self.step_fn.load_state_dict(state["step_fn"])
         self.step_fn.reset()  # graphs captured on other tensors
-        for part in ("smoothed", "evaluated", "goals", "noise"):
+        for part in ("smoothed", "evaluated", "goals", "noise", "curvature"):
             getattr(self, part).load_state_dict(state[part])
+        self.last_curvature = state["last_curvature"]
+        self.snapshots = [(at, {k: v.to(self.device) for k, v in snap.items()}) for at, snap in state["snapshots"]]
+        self.next_snapshot = state["next_snapshot"]
         for book, book_state in zip(self.books, state["books"]):
             book.load_state_dict(book_state)
             book.record["summary"].setdefault("resumed_at", []).append(self.step)

@@ -4,17 +4,25 @@ A task is built from plain values (`build_task("digits", hidden=64)`); nothing h
 Constructing a task is cheap and loads no data, so a sweep can validate its whole grid on a login
 node; `load(device)` brings the data in (onto the GPU when it fits, batches by index_select).
 
-To add a task: write one module here with a `Task` subclass decorated by `@register_task("name")`,
-import it at the bottom of this file, and add conf/task/name.yaml (README: "Add your own task").
+To add a task: write a `Task` subclass decorated by `@register_task("name")` in a module of your
+own and name that module in the task's config (`task.module: mypkg.tasks`): it is imported
+before the task is built, here and in every job. Its constructor's annotated arguments are the
+task's options, checked by type before anything runs. Then add conf/task/name.yaml (README: "Add
+your own task"). The tasks that ship with critbatch are imported at the bottom of this file.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
-from typing import Callable
+import typing
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from critbatch.typecheck import describe, matches
 
 
 class TaskError(ValueError):
@@ -127,6 +135,7 @@ TASKS: dict[str, type[Task]] = {}
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """A class decorator that registers a Task subclass under `name` (task.name in a config)."""
     def decorate(cls: type[Task]) -> type[Task]:
         if name in TASKS:
             raise TaskError(f"task {name!r} is registered twice ({TASKS[name].__module__} and {cls.__module__})")
@@ -136,6 +145,16 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     return decorate
 
 
+@contextlib.contextmanager
+def registered_task(name: str, cls: type[Task]) -> Iterator[type[Task]]:
+    """Register `cls` as task `name` for the duration of a `with` block (tests, notebooks)."""
+    register_task(name)(cls)
+    try:
+        yield cls
+    finally:
+        TASKS.pop(name, None)
+
+
 def task_options(name: str) -> dict[str, object]:
     """The options a task takes, with their defaults."""
     params = inspect.signature(TASKS[name].__init__).parameters
@@ -143,14 +162,66 @@ def task_options(name: str) -> dict[str, object]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def build_task(name: str, **options) -> Task:
-    """Build a registered task from plain values, naming the bad field when one is wrong."""
+def option_types(name: str) -> dict[str, Any]:
+    """The type each option of task `name` takes: its annotation in the constructor, or, where it
+    has none, the type of its default (a number for a float default)."""
+    init = TASKS[name].__init__
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # an annotation that cannot be evaluated here: check the others
+        hints = {}
+    types = {}
+    for option, default in task_options(name).items():
+        if option in hints:
+            types[option] = hints[option]
+        elif isinstance(default, (bool, int, float, str)):
+            types[option] = float if type(default) is float else type(default)
+        else:
+            types[option] = Any
+    return types
+
+
+def build_task(name: str, module: str | None = None, **options) -> Task:
+    """Build a registered task from plain values, naming the bad field when one is wrong.
+
+    Args:
+        name: the registered name of the task (`TASKS`), e.g. "digits".
+        module: a module of your own to import first, where the task is registered
+            (e.g. "mypkg.tasks"); None for the tasks that ship with critbatch.
+        **options: the task's constructor arguments (`task_options(name)`), each checked against
+            its annotation before the task is built.
+
+    Returns:
+        The task, not yet loaded: building one is cheap and reads no data (`load` does).
+
+    Raises:
+        TaskError: an unknown task or option, a value of the wrong type or out of range.
+
+    >>> task = build_task("digits", hidden=64)
+    >>> task.name, task.dataset_size, task.goal_metrics[:2]
+    ('digits', 1797, ('train_loss', 'train_error'))
+    >>> build_task("digits", hidden="abc")
+    Traceback (most recent call last):
+        ...
+    critbatch.tasks.TaskError: digits: hidden must be an integer, got 'abc' (task.hidden: int = 128)
+    """
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise TaskError(f"task.module={module!r} cannot be imported: {exc}") from exc
     if name not in TASKS:
-        raise TaskError(f"task.name={name!r} is not a registered task; choose one of {sorted(TASKS)}")
+        raise TaskError(f"task.name={name!r} is not a registered task; choose one of {sorted(TASKS)}"
+                        + ("" if module else " (or register your own and name its module in task.module)"))
     allowed = task_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TaskError(f"task {name!r} has no option(s) {unknown}; its options are {sorted(allowed)}")
+    for option, hint in option_types(name).items():
+        if option in options and not matches(options[option], hint):
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise TaskError(f"{name}: {option} must be {describe(hint)}, got {options[option]!r} "
+                            f"(task.{option}: {shown} = {allowed[option]!r})")
     return TASKS[name](**options)
 
 
