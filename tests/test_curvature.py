@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from critbatch.config import ConfigError, RunConfig
+from critbatch.config import DEFAULT_HESSIAN_EVERY, ConfigError, RunConfig, hessian_interval
 from critbatch.curvature import curvature_batch_sizes, curvature_forms, curvature_forms_autograd
 from critbatch.gns import NoiseScale, unbiased_sq_norm_and_trace
 from critbatch.monitor import RunBook
@@ -119,9 +119,9 @@ def test_b_noise_probed_at_goals_is_the_exact_b_noise_there():
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"noise_scale": {"micro_batches": 2}}, "at least 3"),
-    ({"batch_size": 2}, "at least 3"),
-    ({"task": {"name": "cifar10", "depth": 20}}, "BatchNorm"),
+    ({"noise_scale": {"micro_batches": 2, "hessian_every": 10}}, "at least 3"),
+    ({"batch_size": 2, "noise_scale": {"micro_batches": 2, "hessian_every": 5}}, "at least 3"),
+    ({"task": {"name": "cifar10", "depth": 20}, "noise_scale": {"hessian_every": 10}}, "BatchNorm"),
     ({"noise_scale": {"hessian_every": -1}}, "hessian_every"),
     ({"noise_scale": {"hessian_probe_batches": 1.5}}, "hessian_probe_batches"),
 ])
@@ -129,6 +129,9 @@ def test_settings_that_cannot_give_b_noise_are_refused_before_training(changes, 
     config = {"task": {"name": "digits"}, "batch_size": 32, "device": "cpu", **changes}
     with pytest.raises(ConfigError, match=words):
         RunConfig.from_dict(config)
-    off = {**config, "noise_scale": {**changes.get("noise_scale", {}), "hessian_every": 0}}
-    if "hessian" not in str(changes):
-        RunConfig.from_dict(off)  # with B_noise off the same run is fine
+    if "hessian_probe" not in str(changes):
+        # left at its default (null), the same run is accepted and simply measures no B_noise
+        default = {**config, "noise_scale": {k: v for k, v in changes.get("noise_scale", {}).items()
+                                             if k != "hessian_every"}}
+        run = RunConfig.from_dict(default)
+        assert hessian_interval(run, build_task(**run.task)) == (DEFAULT_HESSIAN_EVERY if "-1" in str(changes) else 0)

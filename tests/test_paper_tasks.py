@@ -191,7 +191,11 @@ def test_augmentation_crops_and_flips_only_in_training():
 def test_two_training_steps_write_a_record(name, options, tmp_path, monkeypatch):
     write_fake(name, tmp_path / "data", monkeypatch)
     task = {"name": name, "data_dir": str(tmp_path / "data"), "train_examples": WRITTEN, **options}
-    record = train(dict(task=task, batch_size=8, budget={"max_steps": 2}, device="cpu"), tmp_path / "run")
+    # small probes and no B_noise: on random fake data B_simple is never resolved, so the default
+    # probes at initialisation (200 batches of 512; B_noise on micro-batches of 4096) would take
+    # minutes of a CNN on a CPU (tests/test_curvature.py checks B_noise)
+    record = train(dict(task=task, batch_size=8, budget={"max_steps": 2}, device="cpu",
+                        noise_scale={"probe_batch_size": 8, "hessian_every": 0}), tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["status"] == on_disk["status"] == "budget_exhausted"
     assert on_disk["summary"]["steps"] == 2 and on_disk["config"]["task"] == task

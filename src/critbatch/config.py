@@ -94,7 +94,9 @@ class NoiseScaleConfig:
     # micro_batches >= 3), and at a goal on at most hessian_probe_batches probe batches (0: the
     # window's estimate). Each costs about 3 plain steps, and B_noise needs hundreds of batches to
     # be resolved: the defaults keep its cost a few % and leave it rough (docs/noise_scales.md).
-    hessian_every: int = 10
+    # null: DEFAULT_HESSIAN_EVERY where B_noise can be measured and never where it cannot (BatchNorm,
+    # fewer than 3 micro-batches), so one sweep can span such runs; a number where it cannot is refused.
+    hessian_every: int | None = None
     hessian_probe_batches: int = 0
     enabled: bool = True
 
@@ -221,6 +223,8 @@ class RunConfig:
         for name in ("every", "micro_batches", "probe_batch_size", "min_examples", "probe_batches", "hessian_every",
                      "hessian_probe_batches"):
             value = getattr(ns, name)
+            if name == "hessian_every" and value is None:
+                continue
             least = {"micro_batches": 2, "min_examples": 0, "probe_batches": 0, "hessian_every": 0,
                      "hessian_probe_batches": 0}.get(name, 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -266,6 +270,18 @@ class RunConfig:
             except TaskError as exc:
                 raise ConfigError(str(exc)) from exc
         return task
+
+
+DEFAULT_HESSIAN_EVERY = 10
+
+
+def hessian_interval(config: "RunConfig", task: Task) -> int:
+    """How many B_simple measurements apart B_noise is measured (0: never), with
+    noise_scale.hessian_every=null resolved for this run's model and batch size."""
+    ns = config.noise_scale
+    if ns.hessian_every is not None:
+        return ns.hessian_every
+    return 0 if _curvature_refusal(config, task) else DEFAULT_HESSIAN_EVERY
 
 
 def _curvature_refusal(config: "RunConfig", task: Task) -> str | None:

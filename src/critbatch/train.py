@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from critbatch import records
-from critbatch.config import ConfigError, RunConfig
+from critbatch.config import ConfigError, RunConfig, hessian_interval
 from critbatch.cuda_graphs import TrainSteps, use_cuda_graphs
 from critbatch.curvature import curvature_batch_sizes, curvature_forms_autograd, curvature_state
 from critbatch.gns import NoiseScale, micro_batch_sq_norms, noise_micro_batches
@@ -336,7 +336,8 @@ class Training:
         self.goal_key = f"smoothed_{metric}" if self.goal_source is self.evaluated else metric
         self.noise = NoiseMeasurements(B // self.k, B, ns.every, ns.relative_window, ns.min_examples / B)
         # B_noise (critbatch.curvature): on a measuring step's batch, at most every `every` x hessian_every steps
-        self.curving = self.k > 1 and ns.hessian_every > 0
+        self.hessian_every = hessian_interval(config, task) if ns.enabled else 0
+        self.curving = self.k > 1 and self.hessian_every > 0
         self.curvature = NoiseMeasurements(*curvature_batch_sizes(B, max(self.k, 3)), ns.every, ns.relative_window,
                                            ns.min_examples / B, into="add_curvature")
         self.last_curvature: int | None = None  # the step of the last B_noise measurement
@@ -412,7 +413,7 @@ class Training:
     def curvature_due(self) -> bool:
         ns = self.config.noise_scale
         return self.curving and (self.last_curvature is None
-                                 or self.step - self.last_curvature >= ns.every * ns.hessian_every)
+                                 or self.step - self.last_curvature >= ns.every * self.hessian_every)
 
     def evaluate(self) -> None:
         """Evaluate every member's eval metrics at this step. On the steps of the evaluation
