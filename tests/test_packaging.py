@@ -117,9 +117,7 @@ def test_docstring_examples_run(module):
 
 
 PUBLIC = [("critbatch.gns", "NoiseScale"), ("critbatch.train", "train"), ("critbatch.tasks", "build_task"),
-          ("critbatch.records", "load_sweep"),
-          pytest.param("critbatch.tradeoff", "fit_tradeoff",
-                       marks=pytest.mark.xfail(reason="tradeoff.py is being reworked: its example is to come"))]
+          ("critbatch.records", "load_sweep"), ("critbatch.tradeoff", "fit_tradeoff")]
 
 
 @pytest.mark.parametrize("module, name", PUBLIC)

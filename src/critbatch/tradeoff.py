@@ -148,10 +148,24 @@ def fit_tradeoff(batch_sizes, steps, level: float = 0.95, n_bootstrap: int = 0,
                  seed: int = 0, min_log_sd: float = 0.0) -> TradeoffFit:
     """Fit S(B) = S_min (1 + B_crit/B) to (batch size, steps-to-goal) points in log space.
 
-    Repeated batch sizes (e.g. seeds) are allowed; at least 3 distinct batch sizes are needed.
-    `n_bootstrap` > 0 adds residual-bootstrap percentile intervals. `min_log_sd` is a floor on
-    the noise sd of ln(steps) for the errors: data measured on a grid (best lrs) can fit with no
-    residual at all, which would claim an exact answer.
+    Args:
+        batch_sizes, steps: one point per measurement; repeated batch sizes (e.g. seeds) are
+            allowed, at least 3 distinct batch sizes are needed, steps must be > 0.
+        level: confidence level of the intervals.
+        n_bootstrap: > 0 adds residual-bootstrap percentile intervals (`*_boot_ci`).
+        seed: the bootstrap's random seed.
+        min_log_sd: a floor on the noise sd of ln(steps) for the errors: data measured on a grid
+            (best lrs) can fit with no residual at all, which would claim an exact answer.
+
+    Returns:
+        A TradeoffFit: s_min, e_min, b_crit with their intervals, or NaN and a `message` saying
+        why when the data do not identify them.
+
+    >>> fit = fit_tradeoff([16, 64, 256, 1024], [1100.0, 350.0, 162.5, 115.6])
+    >>> round(fit.s_min), round(fit.b_crit), fit.identified
+    (100, 160, True)
+    >>> fit_tradeoff([64, 128], [300.0, 200.0]).message
+    'not identified: 2 batch size(s), the fit needs at least 3 (two parameters and a residual)'
     """
     b = _as_positive_array(batch_sizes, "batch_sizes")
     s = _as_positive_array(steps, "steps")
