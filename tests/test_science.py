@@ -11,6 +11,7 @@ produces them, inside real sweeps (the presets as a user runs them):
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -158,15 +159,23 @@ def replay_stall(record: dict, goal_key: str) -> int | None:
     return None
 
 
-def test_no_progress_rule_never_stops_a_run_before_a_goal_it_reaches(linreg_sweep):
-    fired = 0
+def test_no_progress_rule_never_changes_the_fastest_run_to_a_goal(linreg_sweep):
+    # A run at too high a learning rate sits at its noise floor and may, thousands of steps later,
+    # dip under a goal by chance; the rule stops such runs. What it must never do is stop the run
+    # that reaches a goal in the fewest steps at its batch size and seed, which is what the fit uses.
+    fastest, fastest_with_rule, fired = {}, {}, 0
     for path in (linreg_sweep / records.RUNS_DIR).rglob(records.RECORD_FILE):
         record = records.read_record(path)
-        metric = record["config"]["goals"]["metric"]
+        metric, config = record["config"]["goals"]["metric"], record["config"]
         stop = replay_stall(record, f"smoothed_{metric}")
-        if stop is None:
-            continue
-        fired += 1
-        later = [g["step"] for g in record["goals"] if g["reached"] and not g.get("censored") and g["step"] > stop]
-        assert not later, (path, stop, later)
-    print(f"the rule would have stopped {fired} runs, none before a goal they reached")
+        fired += stop is not None
+        for goal in record["goals"]:
+            if not goal["reached"] or goal.get("censored"):
+                continue
+            key = (config["batch_size"], config["seed"], goal["threshold"])
+            fastest[key] = min(fastest.get(key, math.inf), goal["step"])
+            if stop is None or goal["step"] <= stop:
+                fastest_with_rule[key] = min(fastest_with_rule.get(key, math.inf), goal["step"])
+    assert fired > 0  # the rule has something to do here, so the check below is not empty
+    assert fastest_with_rule == fastest
+    print(f"the rule would have stopped {fired} runs, none of them the fastest to a goal")
