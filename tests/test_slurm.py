@@ -72,6 +72,31 @@ def test_slurm_sweep_completes_and_records_load(tmp_path):
     print(f"slurm sweep of 4 runs took {time.time() - started:.1f} s")
 
 
+def goal_steps(sweep_dir) -> dict[str, list]:
+    """Each run's (goal, reached, step) and its total steps, by run directory."""
+    out = {}
+    for path in sweep_dir.rglob(records.RECORD_FILE):
+        record = records.read_record(path)
+        out[path.parent.name] = ([(g["threshold"], g["reached"], g["step"]) for g in record["goals"]],
+                                 record["summary"]["steps"], record["status"])
+    return out
+
+
+def test_an_mnist1d_sweep_on_slurm_matches_the_same_sweep_run_here(tmp_path):
+    # the default task on real (generated) data, as a job array, against the same grid run locally
+    grid = ["task=mnist1d", "sweep.batch_sizes=[32,128]", "sweep.lr.count=2", "sweep.seeds=[0]",
+            "goals.thresholds=[0.8,0.7,0.6]", "budget.max_steps=400", "launcher.threads=1"]
+    on_slurm = launch(*grid, *SLURM, f"hydra.sweep.dir={tmp_path / 'slurm'}", timeout=600)
+    assert on_slurm.returncode == 0, on_slurm.stderr
+    here = launch(*grid, "launcher.workers=1", f"hydra.sweep.dir={tmp_path / 'here'}", timeout=600)
+    assert here.returncode == 0, here.stderr
+    jobs = json.loads((tmp_path / "slurm" / "jobs.json").read_text())
+    assert len(jobs[0]["job_ids"]) == 2 and all("_" in j for j in jobs[0]["job_ids"])  # an array, one task per B
+    slurm_steps, local_steps = goal_steps(tmp_path / "slurm"), goal_steps(tmp_path / "here")
+    assert len(slurm_steps) == 4 and slurm_steps == local_steps
+    assert any(reached for goals, _, _ in slurm_steps.values() for _, reached, _ in goals)  # not vacuous
+
+
 def test_cancelled_job_checkpoints_its_run_and_a_relaunch_resumes_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # One slow run (B=8, an unreachable goal, 30k steps) that we cancel while it trains.
@@ -103,27 +128,43 @@ def test_cancelled_job_checkpoints_its_run_and_a_relaunch_resumes_it(tmp_path):
     assert len(record["summary"]["resumed_at"]) == 1 and record["summary"]["resumed_at"][0] >= stopped_at > 0
 
 
-def test_a_job_at_its_time_limit_checkpoints_requeues_and_completes(tmp_path):
-    """A one-minute time limit and runs that need longer: submitit's SIGUSR2 (30 s before the limit;
-    SLURM may send it up to a minute early) checkpoints the run being trained, the job requeues
-    itself and resumes it, until every run is done."""
+def test_the_signal_before_a_time_limit_checkpoints_requeues_and_resumes(tmp_path):
+    """SLURM warns a job signal_delay_s before its time limit with SIGUSR2 (submitit asks for it
+    with --signal=USR2@...): the run being trained is checkpointed, the job requeues itself and the
+    requeued job resumes the run to its end. The test sends that signal with scancel rather than
+    waiting out a time limit (SLURM's shortest is a minute, and it may signal up to a minute early)."""
     sweep_dir = tmp_path / "sweep"
-    overrides = ["sweep.batch_sizes=[8]", "sweep.lr.values=[0.05,0.1]", "sweep.seeds=[0]",
+    overrides = ["sweep.batch_sizes=[8]", "sweep.lr.values=[0.05]", "sweep.seeds=[0]",
                  "goals.metric=train_loss", "goals.thresholds=[1e-9]", "divergence.stall_steps=0",
-                 "budget.max_steps=40000", "launcher.threads=1", "launcher.timeout_min=1",
-                 "launcher.signal_delay_s=30", "launcher.max_requeues=8", "launcher.group_by=all"]
-    result = launch(*overrides, *SLURM[:-1], f"hydra.sweep.dir={sweep_dir}", timeout=900)
-    assert result.returncode == 0, result.stderr
-    frame = records.load_sweep(sweep_dir)
-    assert len(frame) == 2 and set(frame["status"]) == {records.BUDGET_EXHAUSTED}
-    resumed = [records.read_record(p)["summary"].get("resumed_at", []) for p in sweep_dir.rglob(records.RECORD_FILE)]
-    assert any(resumed), "no run was interrupted and resumed: the test did not test requeueing"
-    assert all(r["total_steps"] == 40000 for _, r in frame.iterrows())
+                 "budget.max_steps=40000", "launcher.threads=1", "launcher.signal_delay_s=30",
+                 "launcher.max_requeues=3", "log.checkpoint_seconds=1000", "launcher.wait=false"]
+    submitted = launch(*overrides, *SLURM, f"hydra.sweep.dir={sweep_dir}", timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads((sweep_dir / "jobs.json").read_text())[0]["job_ids"][0]
+    script = next(sweep_dir.rglob("*_submission.sh")).read_text()
+    assert "--signal=USR2@30" in script, script  # SLURM itself will send it before the limit
+
+    # the record is rewritten only at checkpoints (none before the signal here): the lease's log
+    # says when training started
+    lease_log = wait_for(lambda: next(sweep_dir.rglob("lease.log"), None), 120, "the run's lease")
+    wait_for(lambda: '"train"' in lease_log.read_text(), 120, "training to start")
+    time.sleep(5)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    # SLURM holds a requeued job for a while (reason BeginTime); let it start at once
+    wait_for(lambda: "BeginTime" in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True,
+                                                   text=True).stdout, 120, "the job to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    record_path = lease_log.parent / records.RECORD_FILE
+    wait_for(lambda: records.read_record(record_path)["status"] != records.RUNNING, 400, "the requeued run to finish")
+
+    record = records.read_record(record_path)
+    assert record["status"] == records.BUDGET_EXHAUSTED and record["summary"]["steps"] == 40000
+    resumed = record["summary"].get("resumed_at", [])
+    assert len(resumed) == 1 and 0 < resumed[0] < 40000, "the run was not interrupted and resumed"
     assert not list(sweep_dir.rglob(CHECKPOINT_FILE))
-    requeued = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j",
-                               json.loads((sweep_dir / "jobs.json").read_text())[0]["job_ids"][0]],
-                              capture_output=True, text=True).stdout
-    assert "REQUEUED" in requeued or "PREEMPTED" in requeued or len(requeued.splitlines()) > 1, requeued
+    history = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j", job_id],
+                             capture_output=True, text=True).stdout
+    assert "REQUEUED" in history or "PREEMPTED" in history or len(history.splitlines()) > 1, history
 
 
 def test_bad_config_submits_nothing(tmp_path):
