@@ -593,13 +593,15 @@ def exact_b_crit(spectrum, w_star, noise_std, goals, batch_sizes, lrs=None, mome
                      b_crit=e_min / s_min, at_edge=bool(best.at_edge.any() or gd.at_edge.any()))
 
 
-if __name__ == "__main__":   # the table for the default problem
+if __name__ == "__main__":   # the exact values for experiment=linreg_check (docs/results.md)
     import time
 
     spec, ws = linreg_problem()
-    print(noise_scales(spec, ws, 1.0))
+    print("at initialisation:", {k: round(v, 2) for k, v in noise_scales(spec, ws, 1.0).items()})
     for mom in (0.0, 0.9):
         t0 = time.perf_counter()
-        res = exact_b_crit(spec, ws, 1.0, [1.0, 0.3, 0.1, 0.03], [4, 16, 64, 256, 1024, 4096], momentum=mom)
+        # the goals and batch sizes of conf/task/linreg.yaml and conf/sweep/linreg.yaml
+        res = exact_b_crit(spec, ws, 1.0, [1.0, 0.3, 0.1, 0.03], [4, 16, 64, 256, 1024], momentum=mom)
+        print(f"momentum {mom}:")
         print(res.table())
         print(f"({time.perf_counter() - t0:.2f} s)")
