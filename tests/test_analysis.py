@@ -197,3 +197,31 @@ def test_from_csv_missing_file_and_conflicting_arguments(tmp_path, capsys):
     assert code == 2 and "no such file" in err
     code, _, err = run_main([tmp_path, "--from-csv", tmp_path / "none.csv"], capsys)
     assert code == 2 and "exactly one" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis.table1: the paper's Table 1 from the same records
+
+def test_table1_row_gives_b_crit_at_the_easiest_and_hardest_fitted_goals(sweep):
+    from analysis.table1 import table1_row
+
+    row = table1_row(sweep, label="synthetic", n_bootstrap=0)
+    start, average = row["B_crit start"], row["B_crit average"]
+    assert start.endswith("<=0.2") and average.endswith("<=0.1"), row
+    # the truth: B_crit 32 at the easy goal, 128 at the hard one
+    assert float(start.split()[0]) == pytest.approx(32.0, rel=0.25)
+    assert float(average.split()[0]) == pytest.approx(128.0, rel=0.25)
+    assert row["goals fitted"] == "2 of 2" and row["task"] == "synthetic"
+    assert row["runs"] == records.load_sweep(sweep)["run_id"].nunique()
+
+
+def test_table1_cli_refuses_bad_input(sweep, tmp_path, capsys):
+    from analysis import table1
+
+    assert table1.main([str(sweep), "--labels", "a", "b"]) == 2
+    assert "2 labels for 1 sweep" in capsys.readouterr().err
+    assert table1.main([str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert table1.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| task | runs |") and "B_crit start" in out

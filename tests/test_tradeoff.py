@@ -290,6 +290,18 @@ def test_an_unresolved_run_counts_with_its_lower_bound_and_can_make_the_median_a
     assert "not resolved" in fits["warnings"] and "at least" in fits["warnings"]
 
 
+def test_a_value_from_too_few_measurements_is_not_counted():
+    # one or two measurements: a standard error that means nothing, and a value that, when it
+    # looks resolved, is so because its |G|^2 came out large, i.e. B_simple small
+    runs = probed_runs(500.0, [0.0005] * 3, seed=1).assign(noise_updates=32)
+    lone = runs.iloc[[0]].assign(run_name="lone", batch_size=1024, grad_sq_norm_se=1e-6, b_simple=5.0, noise_updates=2)
+    summary = noise_scale_summary(pd.concat([runs, lone], ignore_index=True))
+    assert summary["b_simple_n"] == 3 and "lone" not in summary["b_simple_runs"]
+    assert summary["b_simple_min"] > 100  # the 5.0 did not pull the median down
+    assert noise_scale_summary(pd.concat([runs, lone.assign(noise_updates=8)]))["b_simple_n"] == 4  # 8 is enough
+    assert noise_scale_summary(pd.concat([runs, lone.assign(noise_updates=np.nan)]))["b_simple_n"] == 4  # unknown
+
+
 def test_path_and_initial_noise_scales_are_medians_over_the_best_runs():
     summary = noise_scale_summary(probed_runs(500.0, [0.001] * 3, seed=0))
     assert summary["b_simple_path"] == 51.0 and summary["b_simple_path_min"] == 50.0

@@ -91,8 +91,8 @@ class NoiseScaleConfig:
     probe_batches: int = 32
     # B_noise = tr(H Sigma)/(G^T H G) from Hessian-vector products (critbatch.curvature) on the
     # batch of a B_simple measurement at most every `every` x hessian_every steps (0: never; needs
-    # micro_batches >= 3), and at a goal on at most hessian_probe_batches probe batches (0: the
-    # window's estimate). Each costs about 3 plain steps, and B_noise needs hundreds of batches to
+    # micro_batches >= 3), and at a goal on at most hessian_probe_batches probe batches (0: none;
+    # the window's estimate is far off at goals, docs/noise_scales.md). Each costs about 3 plain steps, and B_noise needs hundreds of batches to
     # be resolved: the defaults keep its cost a few % and leave it rough (docs/noise_scales.md).
     # null: DEFAULT_HESSIAN_EVERY where B_noise can be measured and never where it cannot (BatchNorm,
     # fewer than 3 micro-batches), so one sweep can span such runs; a number where it cannot is refused.

@@ -81,6 +81,10 @@ _NAMES = {"b_simple": "b_noise", "b_simple_se": "b_noise_se", "grad_sq_norm": "g
           "noise_cov": "curvature_cov", "noise_updates": "curvature_updates", "b_simple_resolved": "b_noise_resolved"}
 
 
+# the fields that curvature_state writes (a record's B_noise estimate)
+CURVATURE_FIELDS = tuple(_NAMES.values())
+
+
 def curvature_state(estimate) -> dict:
     """A NoiseScale fed with curvature forms, as a record stores it: B_noise, G^T H G, tr(H Sigma)."""
     return {_NAMES[key]: value for key, value in estimate.state().items()}

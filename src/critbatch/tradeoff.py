@@ -637,13 +637,21 @@ def noise_scale_summary(rows: pd.DataFrame, n_bootstrap: int = 400, seed: int = 
     """The noise scales at a goal from the runs that reached it best (one row per run, all seeds of
     the best lr at each batch size): `b_simple_*` (tr(Sigma)/|G|^2) and, where measured,
     `b_noise_*` (tr(H Sigma)/G^T H G), each from _median_noise_scale."""
-    out = _median_noise_scale(rows, "b_simple", "grad_sq_norm", "trace_sigma", n_bootstrap, seed)
-    out.update(_median_noise_scale(rows, "b_noise", "grad_h_grad", "trace_h_sigma", n_bootstrap, seed))
+    out = _median_noise_scale(rows, "b_simple", "grad_sq_norm", "trace_sigma", n_bootstrap, seed, "noise_updates")
+    out.update(_median_noise_scale(rows, "b_noise", "grad_h_grad", "trace_h_sigma", n_bootstrap, seed,
+                                   "curvature_updates"))
     return out
 
 
+# A noise scale at a goal from fewer measurements than this is not counted: its standard error,
+# from so few, says nothing, and keeping only the ones that look resolved keeps the ones whose
+# denominator happened to come out large (linreg's window B_noise at its goals, from one or two
+# measurements, came out 100x below the closed form).
+MIN_NOISE_UPDATES = 8
+
+
 def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerator: str,
-                        n_bootstrap: int, seed: int) -> dict:
+                        n_bootstrap: int, seed: int, updates: str | None = None) -> dict:
     """For the noise scale `name` = numerator / denominator (e.g. B_simple = tr(Sigma)/|G|^2):
 
     - `name`: the median over the runs of their value at the goal (each measured at the
@@ -654,7 +662,8 @@ def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerat
     - `name_path`: the median over the runs of the noise scale averaged along the path to the goal
       (what S = S_min + E_min/B integrates, to be compared with B_crit).
     - `name_init`: the median over the runs of its value at initialisation.
-    Rows without standard errors (a plain table) count as resolved.
+    Rows without standard errors (a plain table) count as resolved. A value from fewer than
+    MIN_NOISE_UPDATES measurements (`updates`: the column that counts them) is not counted.
     """
     out = {name: math.nan, f"{name}_low": math.nan, f"{name}_high": math.nan, f"{name}_resolved": False,
            f"{name}_n": 0, f"{name}_unresolved_runs": 0, f"{name}_min": math.nan, f"{name}_max": math.nan,
@@ -671,6 +680,9 @@ def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerat
     with np.errstate(divide="ignore", invalid="ignore"):
         lower = np.where(has_se & (g + 2 * g_se > 0), t / (g + 2 * g_se), np.nan)
     value = np.where(resolved, col[name], lower)  # an unresolved run: its lower bound
+    if updates in rows.columns:  # a count that is not known (a table without it) does not drop the value
+        count = pd.to_numeric(rows[updates], errors="coerce").to_numpy(dtype=float)
+        value = np.where(np.isfinite(count) & (count < MIN_NOISE_UPDATES), np.nan, value)
     counted = np.isfinite(value) & (value > 0)
     if counted.any():
         values, is_bound = value[counted], ~resolved[counted]
