@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from analysis.cli import run_command
 from critbatch import records, tradeoff
 from critbatch.config import RunConfig
 from critbatch.monitor import RunBook
@@ -647,20 +648,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        out_dir = run(args)
-    except LineSearchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bug or an input we did not foresee: say so without a traceback
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 2
-    print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    return run_command(run, _parser().parse_args(argv), LineSearchError)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.cli import run_command
 from critbatch import plots, tradeoff
 
 CSV_REQUIRED = ("goal", "batch_size", "steps")
@@ -521,21 +521,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        out_dir = run(args)
-    except AnalysisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bug or an input we did not foresee: say so without a traceback
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
-              file=sys.stderr)
-        return 2
-    print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    return run_command(run, _parser().parse_args(argv), AnalysisError)
 
 
 if __name__ == "__main__":
