@@ -53,7 +53,9 @@ CASES = {
     "linreg_evaluated_goals": [{"task": {"name": "linreg", "dim": 16}, "batch_size": 16, "device": "cpu",
                                 "optimizer": {"name": "sgd", "lr": 0.2},
                                 "goals": {"metric": "exact_excess_loss", "thresholds": [1.0, 0.3, 0.1]},
-                                "budget": {"max_steps": 800}}],
+                                "budget": {"max_steps": 800},
+                                # B_noise on batches of its own: their stream is resumed too
+                                "noise_scale": {"hessian_every": 1, "hessian_micro_batch": 8, "hessian_draws": 2}}],
 }
 
 

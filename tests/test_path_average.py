@@ -12,7 +12,7 @@ from critbatch.monitor import IdealSteps, stalled
 
 def feed(ideal: IdealSteps, b_noise, steps, trace=5.0):
     for s in steps:
-        ideal.advance(s, trace / b_noise(s), trace)
+        ideal.advance(s, trace / b_noise(s), trace / b_noise(s), trace)
 
 
 @pytest.mark.parametrize("batch_size", [8, 256, 8192])
@@ -50,7 +50,7 @@ def test_noisy_unresolved_gradient_estimates_average_out():
     for seed in range(400):
         ideal = IdealSteps(8)
         for s in range(0, 2001, 10):
-            ideal.advance(s, trace / truth + 0.02 * rng.standard_normal(), trace)
+            ideal.advance(s, *[trace / truth + 0.02 * rng.standard_normal()] * 2, trace)
         estimates.append(ideal.at(2000))
     exact = 2000 / (1 + truth / 8)
     mean, se = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))

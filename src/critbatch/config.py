@@ -98,6 +98,14 @@ class NoiseScaleConfig:
     # fewer than 3 micro-batches), so one sweep can span such runs; a number where it cannot is refused.
     hessian_every: int | None = None
     hessian_probe_batches: int = 0
+    # null: B_noise is measured on the measuring step's own micro-batches (B/k examples each,
+    # no extra data). A number m: on batches of its own, k micro-batches of m examples drawn with
+    # replacement. The two-batch estimate is most precise per example at m near B_noise, so a run
+    # at B/k << B_noise buys precision with it. hessian_draws such batches per measurement (their
+    # forms averaged): where few Hessian directions dominate, one measurement's spread does not
+    # shrink with m (linreg: ~1.5x the value), only with more draws.
+    hessian_micro_batch: int | None = None
+    hessian_draws: int = 1
     enabled: bool = True
 
 
@@ -221,9 +229,9 @@ class RunConfig:
         if not isinstance(ns.enabled, bool):
             raise ConfigError(f"noise_scale.enabled={ns.enabled!r} must be true or false")
         for name in ("every", "micro_batches", "probe_batch_size", "min_examples", "probe_batches", "hessian_every",
-                     "hessian_probe_batches"):
+                     "hessian_probe_batches", "hessian_micro_batch", "hessian_draws"):
             value = getattr(ns, name)
-            if name == "hessian_every" and value is None:
+            if name in ("hessian_every", "hessian_micro_batch") and value is None:
                 continue
             least = {"micro_batches": 2, "min_examples": 0, "probe_batches": 0, "hessian_every": 0,
                      "hessian_probe_batches": 0}.get(name, 1)
@@ -235,6 +243,10 @@ class RunConfig:
                               "lower micro_batches, raise the batch size or set noise_scale.enabled=false")
         if ns.enabled and ns.hessian_every:
             self._check_curvature(task)
+        if ns.hessian_draws > 1 and ns.hessian_micro_batch is None:
+            raise ConfigError(f"noise_scale.hessian_draws={ns.hessian_draws} draws batches of their own for B_noise, "
+                              "of noise_scale.hessian_micro_batch examples per micro-batch, which is null: set it "
+                              "(e.g. near the B_noise you expect) or leave hessian_draws at 1")
         for name, upper in (("relative_window", 1.0), ("probe_precision", 1.0)):
             value = getattr(ns, name)
             if not _is_number(value) or not 0 < value <= upper:

@@ -112,7 +112,8 @@ class NoiseScale:
         self._weight_sq = 0.0  # sum of their squares: 1/effective number of updates, once normalised
 
     def update(self, small_sq_norm: float, big_sq_norm: float, small_batch: float, big_batch: float,
-               step: float | None = None, every: float = 1.0) -> None:
+               step: float | None = None, every: float = 1.0) -> tuple[float, float]:
+        """Average in one measurement; return its own unbiased (|G|^2, tr(Sigma)) estimates."""
         g, t = unbiased_sq_norm_and_trace(float(small_sq_norm), float(big_sq_norm), small_batch, big_batch)
         if self.beta is not None:
             alpha = 1.0 - self.beta
@@ -127,6 +128,7 @@ class NoiseScale:
         self._weight += alpha * (1.0 - self._weight)
         self._weight_sq = (1.0 - alpha) ** 2 * self._weight_sq + alpha ** 2
         self.updates += 1
+        return g, t
 
     def _mean(self, i: int) -> float:
         return self._moments[i] / self._weight if self.updates else math.nan

@@ -130,11 +130,17 @@ class IdealSteps:
 
     The paper's model (eq. 2.10): one step at batch size B makes the progress of 1/(1 + B_noise/B)
     ideal steps, so S = S_min + E_min/B with S_min the ideal steps and E_min/S_min the average of
-    B_noise over them. Here B_noise is approximated by B_simple, written as B G/(|G| B + T) from the
-    averaged |G|^2 = G and tr(Sigma) = T: linear in the noisy G where G B << T (so noise averages
-    out instead of blowing up a ratio), bounded, and odd in G. From a run at batch size B,
-    `path_average(s)` = B (s / ideal(s) - 1) is then B_simple averaged along the path to step s,
-    weighted as B_crit weights it."""
+    B_noise over them. With a noise scale T/G (B_simple: T = tr(Sigma), G = |G|^2; B_noise: T =
+    tr(H Sigma), G = G^T H G) the rate is B G/(G B + T), written B g/(|G_w| B + T_w) with g this
+    measurement's own unbiased G and G_w, T_w the window's averages: linear in the noisy g, so its
+    noise averages out along the path instead of blowing up a ratio, and unbiased where G_w B << T_w.
+    The window's G_w alone in the numerator would lag: G falls steeply early in training, and a
+    window still holding the first steps' large G overstates the progress: on linreg, measured
+    every step, that put the path averages at 0.53-0.85 of their exact values along the same
+    trajectory (docs/noise_scales.md). B_simple's path still uses the window's G (RunBook.add_noise
+    says why); B_noise's uses each measurement's own (tests/test_curvature.py). From a run at
+    batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale averaged along the
+    path to step s, weighted as B_crit weights it."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
@@ -142,16 +148,17 @@ class IdealSteps:
         self.ideal: list[float] = []
         self.rate = 0.0                # ideal steps per step since the last knot
 
-    def advance(self, step: float, grad_sq_norm: float, trace_sigma: float) -> None:
-        """A new estimate at `step`: the steps since the last one progressed at the old rate."""
+    def advance(self, step: float, measured: float, smoothed: float, smoothed_trace: float) -> None:
+        """A new measurement at `step` (`measured`: its own unbiased G; `smoothed`, `smoothed_trace`:
+        the window's G and T): the steps since the last one progressed at the old rate."""
         if not self.steps:
             self.steps, self.ideal = [float(step)], [0.0]
         elif step > self.steps[-1]:
             self.ideal.append(self.ideal[-1] + self.rate * (step - self.steps[-1]))
             self.steps.append(float(step))
-        g, t, b = grad_sq_norm, trace_sigma, self.batch_size
-        denominator = abs(g) * b + max(t, 0.0)
-        self.rate = g * b / denominator if denominator > 0 else 0.0
+        b = self.batch_size
+        denominator = abs(smoothed) * b + max(smoothed_trace, 0.0)
+        self.rate = measured * b / denominator if denominator > 0 else 0.0
 
     def at(self, step: float) -> float:
         """ideal(step), extrapolated at the current rate past the last estimate."""
@@ -225,13 +232,16 @@ class RunBook:
         """One measurement of the squared norms, on the parameters after `step` updates, `gap`
         steps after the previous one."""
         self.noise.update(small_sq_norm, big_sq_norm, small_batch, big_batch, step=step, every=gap)
-        self.ideal.advance(step, self.noise.grad_sq_norm, self.noise.trace_sigma)
+        # the window's |G|^2 in the numerator too: one measurement's, from micro-batches of B/k
+        # (2 examples at B=8), is too noisy for it; so B_simple's path average keeps the lag
+        # (IdealSteps), which B_noise's, from batches of hessian_micro_batch, need not
+        self.ideal.advance(step, self.noise.grad_sq_norm, self.noise.grad_sq_norm, self.noise.trace_sigma)
 
     def add_curvature(self, small_form: float, big_form: float, small_batch: int, big_batch: int,
                       step: int, gap: int) -> None:
         """One measurement of the curvature forms g^T H g at two batch sizes (for B_noise)."""
-        self.curvature.update(small_form, big_form, small_batch, big_batch, step=step, every=gap)
-        self.ideal_noise.advance(step, self.curvature.grad_sq_norm, self.curvature.trace_sigma)
+        measured, _ = self.curvature.update(small_form, big_form, small_batch, big_batch, step=step, every=gap)
+        self.ideal_noise.advance(step, measured, self.curvature.grad_sq_norm, self.curvature.trace_sigma)
 
     def _noise_state(self) -> dict:
         """The window's noise estimates now (numbers only: curves hold numbers)."""

@@ -88,6 +88,15 @@ class Batches:
         index = self.sampler.next()
         return self.task.inputs.index_select(0, index), self.task.targets.index_select(0, index)
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(),
+                "order": None if self.sampler is None else self.sampler._order.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        if self.sampler is not None:
+            self.sampler._order = state["order"].to(self.sampler.device)
+
 
 def has_batchnorm(model: nn.Module) -> bool:
     """BatchNorm couples the examples of a batch (and updates statistics in place)."""
@@ -338,8 +347,12 @@ class Training:
         # B_noise (critbatch.curvature): on a measuring step's batch, at most every `every` x hessian_every steps
         self.hessian_every = hessian_interval(config, task) if ns.enabled else 0
         self.curving = self.k > 1 and self.hessian_every > 0
-        self.curvature = NoiseMeasurements(*curvature_batch_sizes(B, max(self.k, 3)), ns.every, ns.relative_window,
-                                           ns.min_examples / B, into="add_curvature")
+        # ... or on batches of its own of k x hessian_micro_batch examples (their own random stream)
+        curvature_size = B if ns.hessian_micro_batch is None else ns.hessian_micro_batch * max(self.k, 3)
+        self.curvature_batches = (None if ns.hessian_micro_batch is None or not self.curving else
+                                  Batches(task, curvature_size, "with_replacement", config.seed + 31_337, device))
+        self.curvature = NoiseMeasurements(*curvature_batch_sizes(curvature_size, max(self.k, 3)), ns.every,
+                                           ns.relative_window, ns.min_examples / B, into="add_curvature")
         self.last_curvature: int | None = None  # the step of the last B_noise measurement
         self.step = 0
         self.last_evaluation: int | None = None   # the step of the latest evaluation
@@ -397,7 +410,7 @@ class Training:
             x, y = self.batches.next()
             measure = self.k > 1 and self.noise.due(self.step)
             if measure and self.curvature_due():
-                self.curvature.add(*self.step_fn.curvature(x, y, self.k), self.step)  # before the update
+                self.curvature.add(*self.curvature_forms(x, y), self.step)  # before the update
                 self.last_curvature = self.step
             metrics, norms = self.step_fn(x, y, measure)
             if measure:
@@ -409,6 +422,15 @@ class Training:
             if config.budget.max_seconds is not None and self.step % 64 == 0 \
                     and time.perf_counter() - start >= config.budget.max_seconds:
                 self.next_log = self.step  # log and stop at the top of the loop
+
+    def curvature_forms(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """B_noise's two quadratic forms on the training batch, or averaged over hessian_draws
+        batches of their own (each pair is unbiased, so their mean is)."""
+        if self.curvature_batches is None:
+            return self.step_fn.curvature(x, y, self.k)
+        draws = self.config.noise_scale.hessian_draws
+        forms = [self.step_fn.curvature(*self.curvature_batches.next(), self.k) for _ in range(draws)]
+        return sum(f[0] for f in forms) / draws, sum(f[1] for f in forms) / draws
 
     def curvature_due(self) -> bool:
         ns = self.config.noise_scale
@@ -561,7 +583,6 @@ class Training:
 
     def state_dict(self) -> dict:
         cuda = self.device.type == "cuda"
-        sampler = self.batches.sampler
         return {
             "version": CHECKPOINT_VERSION, "members": [book.record["run_id"] for book in self.books],
             "packed": self.packed,
@@ -569,8 +590,8 @@ class Training:
             "last_evaluation": self.last_evaluation, "last_scheduled": self.last_scheduled,
             "latest_evaluation": self.latest_evaluation,
             "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None},
-            "batches": {"generator": self.batches.generator.get_state(),
-                        "order": None if sampler is None else sampler._order.cpu()},
+            "batches": self.batches.state_dict(),
+            "curvature_batches": None if self.curvature_batches is None else self.curvature_batches.state_dict(),
             "step_fn": self.step_fn.state_dict(), "smoothed": self.smoothed.state_dict(),
             "evaluated": self.evaluated.state_dict(), "goals": self.goals.state_dict(),
             "noise": self.noise.state_dict(), "books": [book.state_dict() for book in self.books],
@@ -586,9 +607,9 @@ class Training:
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.batches.generator.set_state(state["batches"]["generator"])
-        if self.batches.sampler is not None:
-            self.batches.sampler._order = state["batches"]["order"].to(self.device)
+        self.batches.load_state_dict(state["batches"])
+        if self.curvature_batches is not None:
+            self.curvature_batches.load_state_dict(state["curvature_batches"])
         self.step_fn.load_state_dict(state["step_fn"])
         self.step_fn.reset()  # graphs captured on other tensors
         for part in ("smoothed", "evaluated", "goals", "noise", "curvature"):
