@@ -19,6 +19,7 @@ from critbatch.packed import PackedStep
 from critbatch.tasks import build_task
 from critbatch.train import Batches, PlainStep, Training, probe_noise, train
 from scipy.integrate import quad
+from tests.reference.exact_noise import exact_noise_scales as exact_scales
 from tests.reference.linreg_dynamics import linreg_problem
 from tests.reference.linreg_dynamics import noise_scales as exact_noise_scales
 
@@ -204,3 +205,27 @@ def test_the_path_rate_takes_each_measurement_not_the_lagging_window():
     exact, _ = quad(lambda s: B * truth(s) / (B * truth(s) + T), 0, 1000)
     assert own.at(1000) == pytest.approx(exact, rel=0.05)
     assert lagging.at(1000) > 1.2 * exact
+
+
+def test_digits_b_noise_probed_at_goals_is_the_exact_one():
+    """During a digits run: B_noise probed at each goal against B_noise from exact per-example
+    gradients and exact full-batch Hessian-vector products over all 1797 examples at the same
+    parameters (tests/reference/exact_noise.py), within 15%."""
+    config = {"task": {"name": "digits", "hidden": 32}, "batch_size": 64, "device": "cpu", "seed": 0,
+              "optimizer": {"name": "sgd", "lr": 0.2}, "goals": {"metric": "train_error", "thresholds": [0.1, 0.05]},
+              "noise_scale": {"hessian_probe_batches": 600, "probe_precision": 0.04}}
+    record = train(config)
+    checked = 0
+    for goal in record["goals"]:
+        if not goal["reached"] or goal["censored"]:
+            continue
+        run = RunConfig.from_dict({**config, "budget": {"max_steps": goal["probed_at"]}})
+        task = run.validate()
+        training = Training([run], task, [RunBook(run, None)], packed=False)
+        training.run()
+        exact = exact_scales(training.step_fn.model, task.loss, task.inputs, task.targets)["b_noise"]
+        print(f"digits goal {goal['threshold']}: probe {goal['b_noise']:.1f} +- {goal['b_noise_se']:.1f} "
+              f"({goal['curvature_updates']} batches), exact {exact:.1f}")
+        assert goal["b_noise"] == pytest.approx(exact, rel=0.15)
+        checked += 1
+    assert checked == 2
