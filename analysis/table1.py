@@ -12,9 +12,11 @@ over training, and B_simple likewise. Here, from each sweep's records (critbatch
   along the path to it, so the hardest goal's B_crit is the average over (that much of) training.
 - B_simple start: measured at initialisation; B_simple average: averaged along the path to the
   hardest fitted goal (IdealSteps, as B_crit averages it). Both medians over the best runs.
-- B_noise start, where measured (at initialisation, on at most 64 batches: rough). Its online
-  path average is left out: at the default settings it rests on a handful of noisy measurements
-  (docs/noise_scales.md); `python -m analysis.line_search` measures B_noise at a goal instead.
+- B_noise start, where measured (at initialisation, on at most 64 batches: rough); B_noise
+  average: averaged along the path to the hardest fitted goal, the median over the best runs whose
+  path average is resolved (standard error at most 25% of it; tradeoff.MAX_PATH_RELATIVE_SE), "–"
+  where none is: at the default settings B_noise is measured too rarely for that
+  (docs/noise_scales.md says what resolves it).
 Intervals: B_crit's from the fit (and, in parentheses, from resampling seeds when there are two or
 more); the noise scales' are the range over the best runs. Also: the number of runs and their
 training time (the records' summed wall time; the launch's own wall time is the Makefile's to
@@ -33,7 +35,7 @@ import pandas as pd
 from critbatch import records, tradeoff
 
 COLUMNS = ["task", "runs", "training time", "goals fitted", "B_crit start", "B_crit average",
-           "B_simple start", "B_simple average", "B_noise start"]
+           "B_simple start", "B_simple average", "B_noise start", "B_noise average"]
 
 
 def _g(x: float) -> str:
@@ -77,7 +79,8 @@ def table1_row(sweep_dir: str | Path, label: str | None = None, min_steps: float
         inits = pd.to_numeric(runs.drop_duplicates("run_id").get(f"{name}_init"), errors="coerce").dropna()
         row[f"{label_name} start"] = _with(float(np.median(inits)), float(inits.min()), float(inits.max())) \
             if len(inits) else "–"
-    row["B_simple average"] = _with(end["b_simple_path"], end["b_simple_path_min"], end["b_simple_path_max"])
+    for label_name, name in (("B_simple average", "b_simple_path"), ("B_noise average", "b_noise_path")):
+        row[label_name] = _with(end[name], end[f"{name}_min"], end[f"{name}_max"])
     return row
 
 

@@ -188,6 +188,9 @@ def test_b_noise_path_average_is_the_exact_one_along_the_run(batch_size, lr, dra
         step = goal["step"]
         exact = batch_size * (step / np.interp(step, np.arange(len(ideal)), ideal) - 1)
         assert goal["b_noise_path"] == pytest.approx(exact, rel=0.15), (goal["threshold"], goal["b_noise_path"], exact)
+        # its standard error is honest (it errs large: the spread about the window holds G's change)
+        se = goal["b_noise_path_se"]
+        assert abs(goal["b_noise_path"] - exact) < 3 * se and se < 0.25 * exact, (goal["threshold"], se)
         checked += 1
     assert checked >= 3
 

@@ -308,6 +308,18 @@ def test_path_and_initial_noise_scales_are_medians_over_the_best_runs():
     assert summary["b_simple_init"] == 30.0
 
 
+def test_a_b_noise_path_average_counts_only_where_it_is_resolved():
+    """B_noise's path average carries a standard error: a run whose error exceeds a quarter of its
+    value (B_noise measured too rarely) is left out of the median, not averaged in."""
+    runs = probed_runs(500.0, [0.001] * 4, seed=0).assign(
+        b_noise_path=[200.0, 210.0, 20.0, 5000.0], b_noise_path_se=[20.0, 40.0, 30.0, 4000.0])
+    summary = noise_scale_summary(runs)
+    assert summary["b_noise_path"] == 205.0
+    assert (summary["b_noise_path_min"], summary["b_noise_path_max"]) == (200.0, 210.0)
+    unresolved = noise_scale_summary(runs.assign(b_noise_path_se=1e4))
+    assert math.isnan(unresolved["b_noise_path"])
+
+
 def seeded_sweep(seed, n_seeds, sigma=0.15, lrs=(0.5, 0.71, 1.0, 1.41, 2.0)):
     """Runs from the model with seed noise sigma on ln S and a quadratic lr penalty around lr 1."""
     rng = np.random.default_rng(seed)

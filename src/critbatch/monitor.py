@@ -140,25 +140,35 @@ class IdealSteps:
     trajectory (docs/noise_scales.md). B_simple's path still uses the window's G (RunBook.add_noise
     says why); B_noise's uses each measurement's own (tests/test_curvature.py). From a run at
     batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale averaged along the
-    path to step s, weighted as B_crit weights it."""
+    path to step s, weighted as B_crit weights it.
+
+    Its standard error (`path_average_se`): each held rate's error is B (g - G_w)/(|G_w| B + T_w)
+    (the spread of g about the window, which also holds G's real change: an overestimate), the
+    errors of different measurements are independent, and one held for n steps counts n times in
+    ideal(s). Zero where `measured` is the window's own value (B_simple's path: not known)."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self.steps: list[float] = []   # knots of the piecewise-linear ideal(step), from the first estimate
         self.ideal: list[float] = []
+        self.variance: list[float] = []  # of ideal at the knots
         self.rate = 0.0                # ideal steps per step since the last knot
+        self.rate_error = 0.0          # its estimated standard error
 
     def advance(self, step: float, measured: float, smoothed: float, smoothed_trace: float) -> None:
         """A new measurement at `step` (`measured`: its own unbiased G; `smoothed`, `smoothed_trace`:
         the window's G and T): the steps since the last one progressed at the old rate."""
         if not self.steps:
-            self.steps, self.ideal = [float(step)], [0.0]
+            self.steps, self.ideal, self.variance = [float(step)], [0.0], [0.0]
         elif step > self.steps[-1]:
-            self.ideal.append(self.ideal[-1] + self.rate * (step - self.steps[-1]))
+            held = step - self.steps[-1]
+            self.ideal.append(self.ideal[-1] + self.rate * held)
+            self.variance.append(self.variance[-1] + (self.rate_error * held) ** 2)
             self.steps.append(float(step))
         b = self.batch_size
         denominator = abs(smoothed) * b + max(smoothed_trace, 0.0)
         self.rate = measured * b / denominator if denominator > 0 else 0.0
+        self.rate_error = abs(measured - smoothed) * b / denominator if denominator > 0 else 0.0
 
     def at(self, step: float) -> float:
         """ideal(step), extrapolated at the current rate past the last estimate."""
@@ -169,12 +179,23 @@ class IdealSteps:
         return float(np.interp(step, self.steps, self.ideal))
 
     def path_average(self, step: float) -> float:
-        """B_simple averaged along the path to `step` (NaN when the path was not measured from the
-        start or its ideal progress is not positive: |G|^2 not resolved)."""
+        """The noise scale averaged along the path to `step` (NaN when the path was not measured
+        from the start or its ideal progress is not positive: G not resolved)."""
         if not self.steps or self.steps[0] > 0 or step <= 0:
             return math.nan
         ideal = self.at(step)
         return self.batch_size * (step / ideal - 1.0) if ideal > 0 else math.nan
+
+    def path_average_se(self, step: float) -> float:
+        """Standard error of path_average(step): B step se(ideal) / ideal^2 (delta method)."""
+        ideal = self.at(step)
+        if not math.isfinite(self.path_average(step)):
+            return math.nan
+        if step >= self.steps[-1]:
+            variance = self.variance[-1] + (self.rate_error * (step - self.steps[-1])) ** 2
+        else:
+            variance = float(np.interp(step, self.steps, self.variance))
+        return self.batch_size * step * math.sqrt(variance) / ideal ** 2
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -256,7 +277,8 @@ class RunBook:
         B = self.config.batch_size
         point = {"step": step, "examples": step * B, "wall_time": now, **point, **self._noise_state(),
                  "ideal_steps": self.ideal.at(step), "b_simple_path": self.ideal.path_average(step),
-                 "b_noise_path": self.ideal_noise.path_average(step)}
+                 "b_noise_path": self.ideal_noise.path_average(step),
+                 "b_noise_path_se": self.ideal_noise.path_average_se(step)}
         for goal, crossed in zip(self.record["goals"], crossed_at):
             if goal["reached"] or crossed == NOT_YET:
                 continue
@@ -267,7 +289,8 @@ class RunBook:
             goal.update(reached=True, censored=False, step=crossed, examples=crossed * B, wall_time=wall,
                         **self._noise_state(), noise_source="window", noise_center_step=self.noise.center_step,
                         b_simple_path=self.ideal.path_average(crossed), ideal_steps=self.ideal.at(crossed),
-                        b_noise_path=self.ideal_noise.path_average(crossed))
+                        b_noise_path=self.ideal_noise.path_average(crossed),
+                        b_noise_path_se=self.ideal_noise.path_average_se(crossed))
         for key, value in point.items():
             self.curve.setdefault(key, []).append(value)
         self.record["summary"].update(steps=step, examples=step * B, wall_time=now)

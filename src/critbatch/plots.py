@@ -170,15 +170,15 @@ def noise_scales(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
 
 def b_crit_vs_noise_scale(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
     """(f) B_crit against the noise scales at each goal, log-log, with y = x, as the paper compares
-    them: B_simple averaged along the path to the goal (what S = S_min + E_min/B integrates;
-    filled) and B_simple and (where probed) B_noise at the goal (open); error bars are 95%. The
-    online path average of B_noise is not drawn: at the default settings it rests on a handful of
-    noisy measurements (docs/noise_scales.md)."""
+    them: B_simple and B_noise averaged along the path to the goal (what S = S_min + E_min/B
+    integrates; filled; B_noise's from the best runs that resolve it, tradeoff.MAX_PATH_RELATIVE_SE)
+    and B_simple and (where probed) B_noise at the goal (open); error bars are 95%."""
     fig = Figure(figsize=(6.2, 5.4), layout="constrained")
     ax = fig.subplots()
     ok = fits["identified"].astype(bool)
     colors = _goal_colors(fits["goal"])
-    series = [("b_simple_path", "D", True), ("b_simple", "s", False), ("b_noise", "^", False)]
+    series = [("b_simple_path", "D", True), ("b_noise_path", "^", True), ("b_simple", "s", False),
+              ("b_noise", "^", False)]
     values = []
     for column, marker, filled in series:
         if column not in fits:
@@ -194,7 +194,7 @@ def b_crit_vs_noise_scale(fits: pd.DataFrame, subtitle: str | None = None) -> Fi
     for _, f in fits.iterrows():
         ax.plot([], [], "-", color=colors[f["goal"]], label=str(f["goal"]))
     labels = {"b_simple_path": "x: B_simple averaged along the path", "b_simple": "x: B_simple at the goal",
-              "b_noise": "x: B_noise at the goal"}
+              "b_noise": "x: B_noise at the goal", "b_noise_path": "x: B_noise averaged along the path"}
     for column, marker, filled in series:
         if column in fits and fits[column].notna().any():
             ax.plot([], [], marker, color="0.4", mfc=None if filled else "none", ls="", label=labels[column])

@@ -360,7 +360,7 @@ GOAL_NOISE_COLUMNS = ("b_simple", "b_simple_se", "grad_sq_norm", "grad_sq_norm_s
                       "trace_sigma_se", "noise_cov", "noise_updates", "b_simple_path",
                       # B_noise (critbatch.curvature), where it was measured
                       "b_noise", "b_noise_se", "grad_h_grad", "grad_h_grad_se", "trace_h_sigma", "trace_h_sigma_se",
-                      "b_noise_path")
+                      "b_noise_path", "b_noise_path_se")
 #: per-run values of the noise scale at initialisation, from the summary
 INIT_NOISE_COLUMNS = ("b_simple_init", "b_simple_init_se", "grad_sq_norm_init", "trace_sigma_init",
                       "b_noise_init", "b_noise_se_init")

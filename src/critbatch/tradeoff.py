@@ -650,6 +650,11 @@ def noise_scale_summary(rows: pd.DataFrame, n_bootstrap: int = 400, seed: int = 
 MIN_NOISE_UPDATES = 8
 
 
+# A path average counts at a goal only when its standard error is at most this share of it: at the
+# default settings (B_noise every 100 steps on micro-batches of B/k) B_noise's rarely is.
+MAX_PATH_RELATIVE_SE = 0.25
+
+
 def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerator: str,
                         n_bootstrap: int, seed: int, updates: str | None = None) -> dict:
     """For the noise scale `name` = numerator / denominator (e.g. B_simple = tr(Sigma)/|G|^2):
@@ -660,7 +665,8 @@ def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerat
       counts with its lower bound numerator/(denominator + 2 se); if the median rests on such a
       bound, `name_resolved` is False and the median is itself a lower bound.
     - `name_path`: the median over the runs of the noise scale averaged along the path to the goal
-      (what S = S_min + E_min/B integrates, to be compared with B_crit).
+      (what S = S_min + E_min/B integrates, to be compared with B_crit). Where the runs give its
+      standard error (`name_path_se`: B_noise), only those resolved to MAX_PATH_RELATIVE_SE count.
     - `name_init`: the median over the runs of its value at initialisation.
     Rows without standard errors (a plain table) count as resolved. A value from fewer than
     MIN_NOISE_UPDATES measurements (`updates`: the column that counts them) is not counted.
@@ -673,7 +679,7 @@ def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerat
         return out
     col = {c: pd.to_numeric(rows[c], errors="coerce").to_numpy(dtype=float) if c in rows.columns
            else np.full(len(rows), np.nan) for c in (name, denominator, f"{denominator}_se", numerator,
-                                                     f"{name}_path", f"{name}_init")}
+                                                     f"{name}_path", f"{name}_path_se", f"{name}_init")}
     g, g_se, t = col[denominator], col[f"{denominator}_se"], col[numerator]
     has_se = np.isfinite(g) & np.isfinite(g_se) & np.isfinite(t)
     resolved = np.where(has_se, g > 2 * g_se, np.isfinite(col[name]) & (col[name] > 0))
@@ -698,7 +704,11 @@ def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerat
     out[f"{name}_batch_sizes"] = " ".join(f"{b:g}" for b in sorted(set(rows["batch_size"].to_numpy()[counted])))
     if "run_name" in rows.columns:
         out[f"{name}_runs"] = ";".join(str(r) for r in rows["run_name"].to_numpy()[counted])
-    path = col[f"{name}_path"][np.isfinite(col[f"{name}_path"]) & (col[f"{name}_path"] > 0)]
+    path, path_se = col[f"{name}_path"], col[f"{name}_path_se"]
+    keep = np.isfinite(path) & (path > 0)
+    if f"{name}_path_se" in rows.columns:
+        keep &= path_se <= MAX_PATH_RELATIVE_SE * path
+    path = path[keep]
     if path.size:
         out[f"{name}_path"] = float(np.median(path))
         out[f"{name}_path_min"], out[f"{name}_path_max"] = float(path.min()), float(path.max())
