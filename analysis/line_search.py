@@ -34,8 +34,14 @@ is trained again from its record's settings to the step where its record probed 
 (`probed_at`, else the crossing step): the same run, so the same parameters up to floating-point
 reordering on another device.
 
+The same parameters are also measured by the other, independent method: the two-batch
+Hessian-vector-product estimator that training uses online (critbatch.curvature), on --hvp-draws
+batches of 4 micro-batches of about the line search's B_noise examples each (the size where it is
+most precise per example; any size is unbiased). The two are compared in docs/results.md.
+
 Writes to --out (default SWEEP_DIR/line_search): line_search.csv (one row per goal and run: B_noise
-with its bootstrap interval and the fit's, eps_max, and a reference B_noise where one exists: the
+with its bootstrap interval and the fit's, eps_max, B_noise by Hessian-vector products with its
+standard error (b_noise_hvp, b_noise_hvp_se), and a reference B_noise where one exists: the
 closed form for linreg, else the record's online estimate at the goal if it has one),
 line_search_points.csv (one row per goal, run and B: eps_opt, its se, eps_best), summary.md and
 figures/line_search.png (eps_opt against B with the fit, one panel per goal). Bad input gives
@@ -62,9 +68,13 @@ from critbatch import records, tradeoff
 from critbatch.config import RunConfig
 from critbatch.monitor import RunBook
 from critbatch.tasks import Task
-from critbatch.train import Training, has_batchnorm
+from critbatch.curvature import b_noise_at
+from critbatch.train import Batches, Training, has_batchnorm
 
 DEFAULT_DRAWS = 2000
+DEFAULT_HVP_DRAWS = 400    # B_noise by Hessian-vector products at the same point: ~7% at MNIST-1D's goals
+HVP_MICRO_BATCHES = 4
+MAX_HVP_MICRO_BATCH = 4096
 PILOT_DRAWS = 256          # draws that locate the minimum of the averaged curve
 MAX_ROWS = 1 << 16         # examples (or examples x parameter sets) per vectorised pass: memory
 # Around the located minimum eps_best, as multiples of it: the parabola whose vertex is eps_best
@@ -413,6 +423,14 @@ def _reference(point: FixedPoint, task: Task, goal: dict) -> tuple[float, str]:
     return math.nan, ""
 
 
+def hvp_b_noise(model: nn.Module, task: Task, guess: float, draws: int, seed: int):
+    """B_noise of the model as it is by the two-batch Hessian-vector-product estimator, on `draws`
+    batches of HVP_MICRO_BATCHES micro-batches of about `guess` examples (the line search's B_noise)."""
+    micro = int(min(max(round(guess) if np.isfinite(guess) else 64, 1), MAX_HVP_MICRO_BATCH))
+    batches = Batches(task, micro * HVP_MICRO_BATCHES, "with_replacement", seed + 7, next(model.parameters()).device)
+    return b_noise_at(model, task.loss, batches, HVP_MICRO_BATCHES, draws)
+
+
 def _pick_goals(best, goal: str | None) -> list[str]:
     goals = list(dict.fromkeys(best["goal"]))
     if goal is None:
@@ -438,11 +456,13 @@ class Measured:
     search: LineSearch
     reference: float
     reference_source: str
+    hvp: object = None  # critbatch.gns.NoiseScale of the curvature forms (None: not measured)
 
 
 def measure_sweep(sweep_dir: str | Path, goal: str | None = None, batch_sizes: list[int] | None = None,
                   draws: int = DEFAULT_DRAWS, n_boot: int = 200, level: float = 0.95, seed: int = 0,
-                  float64: bool = False, log=print) -> tuple[list[Measured], list[str]]:
+                  float64: bool = False, log=print,
+                  hvp_draws: int = DEFAULT_HVP_DRAWS) -> tuple[list[Measured], list[str]]:
     """The line search at every best run's crossing of each goal (or of `goal`) in a sweep, and
     the points where none could be made (why)."""
     if not Path(sweep_dir).is_dir():
@@ -480,11 +500,13 @@ def measure_sweep(sweep_dir: str | Path, goal: str | None = None, batch_sizes: l
             log(f"warning: {failures[-1]}; skipped")
             continue
         reference, source = _reference(point, task, entry)
+        hvp = hvp_b_noise(model, task, search.b_noise, hvp_draws, seed) if hvp_draws else None
         data = {**row.to_dict(), "step": step, "b_simple_record": entry.get("b_simple"),
                 "seconds": time.perf_counter() - start}
-        measured.append(Measured(data, search, reference, source))
+        measured.append(Measured(data, search, reference, source, hvp))
         log(f"{row['goal']}  {row['run_name']}  step {step}: B_noise {search.b_noise:.4g} "
             f"[{search.b_noise_ci[0]:.4g}, {search.b_noise_ci[1]:.4g}]"
+            + (f", by HVP {hvp.b_simple:.4g} +- {hvp.b_simple_se:.2g}" if hvp is not None else "")
             + (f", reference {reference:.4g}" if np.isfinite(reference) else "")
             + f"  ({data['seconds']:.1f} s)")
     if not measured:
@@ -510,6 +532,9 @@ def tables(measured: list[Measured]):
             "eps_max": fit.eps_max, "eps_max_low": fit.eps_max_ci[0], "eps_max_high": fit.eps_max_ci[1],
             "b_noise_argmin": s.fit_argmin.b_noise, "fit_resid_rms": fit.resid_rms, "identified": fit.identified,
             "bootstrap_identified": s.boot_identified,
+            "b_noise_hvp": m.hvp.b_simple if m.hvp is not None else math.nan,
+            "b_noise_hvp_se": m.hvp.b_simple_se if m.hvp is not None else math.nan,
+            "hvp_draws": m.hvp.updates if m.hvp is not None else 0,
             "b_noise_reference": m.reference, "reference_source": m.reference_source,
             "ratio_to_reference": fit.b_noise / m.reference if m.reference else math.nan,
             "b_simple_record": m.row.get("b_simple_record"),
@@ -535,14 +560,17 @@ def render_summary(table, source: str, files: list[Path], out_dir: Path, skipped
              "(one SGD step from there on each of many batches of B, the loss change on the whole training set) "
              "and eps_opt(B) = eps_max / (1 + B_noise/B) fitted (McCandlish et al. 2018, eq. 2.6-2.7). "
              "The interval is a bootstrap over the batches drawn; the fit's own interval reflects its residuals.", "",
+             "B_noise by HVP is the other method at the same parameters: the two-batch Hessian-vector-product "
+             "estimator, with its standard error.", "",
              "| goal | run | B | step | B_noise (line search) | interval | fit interval | eps_max | B_noise from minima "
-             "| reference B_noise | ratio | B_simple (record) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| B_noise by HVP | reference B_noise | ratio | B_simple (record) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         ref = f"{_fmt(r.b_noise_reference)} ({r.reference_source})" if r.reference_source else ""
         lines.append(f"| {r.goal} | {r.run_name} | {r.batch_size} | {r.step} | {_fmt(r.b_noise)} "
                      f"| [{_fmt(r.b_noise_low)}, {_fmt(r.b_noise_high)}] | [{_fmt(r.b_noise_fit_low)}, "
-                     f"{_fmt(r.b_noise_fit_high)}] | {_fmt(r.eps_max)} | {_fmt(r.b_noise_argmin)} | {ref} "
+                     f"{_fmt(r.b_noise_fit_high)}] | {_fmt(r.eps_max)} | {_fmt(r.b_noise_argmin)} "
+                     f"| {_fmt(r.b_noise_hvp)} ± {_fmt(r.b_noise_hvp_se)} | {ref} "
                      f"| {_fmt(r.ratio_to_reference)} "
                      f"| {_fmt(r.b_simple_record)} |")
     notes = [f"- {r.goal} / {r.run_name}: {'; '.join(filter(None, [r.message, r.warnings]))}"
@@ -603,6 +631,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="batch sizes of the line search (default: B_run/4, B_run, 4 B_run, 16 B_run)")
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, metavar="N",
                    help=f"batches drawn per batch size ({DEFAULT_DRAWS})")
+    p.add_argument("--hvp-draws", type=int, default=DEFAULT_HVP_DRAWS, metavar="N",
+                   help=f"batches for B_noise by Hessian-vector products at the same parameters "
+                        f"({DEFAULT_HVP_DRAWS}; 0: not measured)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="R", help="bootstrap resamples (200)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches drawn (0)")
@@ -625,13 +656,16 @@ def run(args: argparse.Namespace) -> Path:
                                   "sizes (the fit of eps_opt(B) has two parameters and needs a residual)")
     if args.draws < 10:
         raise LineSearchError(f"--draws {args.draws} must be >= 10")
+    if args.hvp_draws < 0 or 0 < args.hvp_draws < 8:
+        raise LineSearchError(f"--hvp-draws {args.hvp_draws} must be 0 (not measured) or >= 8 (a standard error "
+                              "from fewer says nothing)")
     if args.bootstrap < 10:
         raise LineSearchError(f"--bootstrap {args.bootstrap} must be >= 10 (the interval comes from it)")
     if not 0 < args.level < 1:
         raise LineSearchError(f"--level {args.level} must be between 0 and 1")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     measured, skipped = measure_sweep(args.sweep_dir, args.goal, args.batch_sizes, args.draws, args.bootstrap, args.level,
-                             args.seed, args.float64, log)
+                             args.seed, args.float64, log, args.hvp_draws)
     out_dir = Path(args.out) if args.out else Path(args.sweep_dir) / "line_search"
     out_dir.mkdir(parents=True, exist_ok=True)
     table, points = tables(measured)

@@ -119,6 +119,10 @@ def test_cli_writes_the_table_and_the_figure(linreg_sweep, tmp_path, capsys):
     assert len(table) >= 1 and len(points) == 4 * len(table)
     assert (table["reference_source"] == "closed form (task.exact)").all()
     assert ((table["ratio_to_reference"] - 1).abs() < 0.3).all(), table
+    # the other method at the same parameters: Hessian-vector products, unbiased within its error
+    hvp_error = (table["b_noise_hvp"] - table["b_noise_reference"]).abs()
+    assert (hvp_error < 4 * table["b_noise_hvp_se"]).all() and (table["hvp_draws"] == 400).all(), table
+    assert (table["b_noise_hvp_se"] < 0.2 * table["b_noise_reference"]).all(), table
     # the parameters measured are those of the run where its record probed the goal: replayed exactly
     row = table.iloc[0]
     record = records.read_record(linreg_sweep / records.RUNS_DIR / row["run_name"] / records.RECORD_FILE)
@@ -137,6 +141,7 @@ def test_cli_writes_the_table_and_the_figure(linreg_sweep, tmp_path, capsys):
     (["{sweep}", "--goal", "0.05"], "not a goal of this sweep"),
     (["{sweep}", "--batch-sizes", "0", "16", "64"], "must be > 0"),
     (["{sweep}", "--batch-sizes", "16", "64"], "at least 3 distinct"),
+    (["{sweep}", "--hvp-draws", "3"], "--hvp-draws 3"),
 ])
 def test_cli_refuses_bad_input(linreg_sweep, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()

@@ -75,6 +75,20 @@ def curvature_forms_autograd(model: torch.nn.Module, loss: Callable, x: torch.Te
     return forms[0].detach(), forms[1].detach()
 
 
+def b_noise_at(model: torch.nn.Module, loss: Callable, batches, micro_batches: int, draws: int):
+    """B_noise of `model` as it is (fixed parameters): a plain-mean NoiseScale (critbatch.gns) of
+    the curvature forms on `draws` batches from `batches` (e.g. critbatch.train.Batches), each
+    split into `micro_batches`."""
+    from critbatch.gns import NoiseScale
+
+    estimate = NoiseScale()
+    for _ in range(draws):
+        x, y = batches.next()
+        small, big = curvature_forms_autograd(model, loss, x, y, micro_batches)
+        estimate.update(float(small), float(big), *curvature_batch_sizes(len(x), micro_batches))
+    return estimate
+
+
 #: how the B_simple-named fields of a NoiseScale read when it measures curvature
 _NAMES = {"b_simple": "b_noise", "b_simple_se": "b_noise_se", "grad_sq_norm": "grad_h_grad",
           "grad_sq_norm_se": "grad_h_grad_se", "trace_sigma": "trace_h_sigma", "trace_sigma_se": "trace_h_sigma_se",
