@@ -256,8 +256,10 @@ def render_summary(a: Analysis, source: str, files: list[Path], figure_notes: li
              "B_simple at the goal: the median over the runs of the fitted best cells (all seeds), each "
              "probed at the parameters that crossed the goal, with a 95% bootstrap interval, or a lower "
              "bound where |G|^2 is not resolved; path: B_simple averaged along the path to the goal (median over the best runs), "
-             "the quantity B_crit is to be compared with; init: at initialisation. The runs are named in "
-             "tradeoff_fits.csv (b_simple_runs).", ""]
+             "the quantity B_crit is to be compared with; init: at initialisation. B_noise at the goal "
+             "where probed (noise_scale.hessian_probe_batches), and its path average over the best runs "
+             "that resolve it (standard error at most 25%); the lr fit's B_noise echoes how the lr grid was "
+             "centred. The runs are named in tradeoff_fits.csv (b_simple_runs).", ""]
     for sel, _ in _combos(a.fits):
         fits = _select(a.fits, sel)
         best = _select(a.best, sel)
@@ -277,9 +279,11 @@ def render_summary(a: Analysis, source: str, files: list[Path], figure_notes: li
             b_noise = _g(f["lr_b_noise"]) + " " + _interval(f["lr_b_noise_low"], f["lr_b_noise_high"])
             rows.append([f["goal"], f["n_batch_sizes"], _g(f["s_min"]) + " " + _interval(f["s_min_low"], f["s_min_high"]),
                          _g(f["e_min"]) + " " + _interval(f["e_min_low"], f["e_min_high"]), b_crit,
-                         b_simple, _g(f["b_simple_path"]), _g(f["b_simple_init"]), b_noise, _g(f["resid_rms"])])
+                         b_simple, _g(f["b_simple_path"]), _g(f["b_simple_init"]), _g(f["b_noise"]),
+                         _g(f["b_noise_path"]), b_noise, _g(f["resid_rms"])])
         lines += _md_table(["goal", "#B fitted", "S_min", "E_min", "B_crit", "B_simple at goal",
-                            "B_simple path", "B_simple init", "B_noise (lr fit)", "rms ln S"], rows)
+                            "B_simple path", "B_simple init", "B_noise at goal", "B_noise path", "B_noise (lr fit)",
+                            "rms ln S"], rows)
         warn = [(f["goal"], w) for _, f in fits.iterrows() for w in str(f["warnings"]).split("; ") if w]
         lines += ["", "### Warnings", ""]
         lines += [f"- **{g}**: {w}" for g, w in warn] or ["- none"]
