@@ -105,3 +105,20 @@ def test_a_sweep_group_gives_the_same_records_packed_or_not(tmp_path):
     assert plain["status"].tolist() == packed["status"].tolist()
     for a, b in zip(plain["steps"], packed["steps"]):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-3)
+
+
+def test_packed_members_measure_b_noise_on_their_own_batches_as_their_plain_twins():
+    """B_noise on batches of its own (noise_scale.hessian_micro_batch): the packed members draw the
+    same batches and integrate the same path average as their plain twins."""
+    base = {"task": {"name": "linreg", "dim": 16}, "batch_size": 16, "device": "cpu",
+            "goals": {"metric": "exact_excess_loss", "thresholds": [1.0, 0.3]}, "budget": {"max_steps": 400},
+            "noise_scale": {"hessian_every": 1, "hessian_micro_batch": 32, "hessian_draws": 2}}
+    configs = [{**base, "optimizer": {"name": "sgd", "lr": lr}} for lr in (0.1, 0.3)]
+    checked = 0
+    for a, b in zip([train(c) for c in configs], train_pack(configs, [None] * 2)):
+        assert_same_run(a, b)
+        for x, y in zip(a["goals"], b["goals"]):
+            if x["reached"] and not x["censored"]:
+                assert math.isfinite(x["b_noise_path"]) and y["b_noise_path"] == pytest.approx(x["b_noise_path"], rel=1e-3)
+                checked += 1
+    assert checked >= 3
