@@ -181,18 +181,20 @@ def test_b_noise_path_average_is_the_exact_one_along_the_run(batch_size, lr, dra
                               "probe_batches": 0}}
     record = train(config)
     ideal = exact_path_averages(config, record["summary"]["steps"])
-    checked = 0
+    checked = with_se = 0
     for goal in record["goals"]:
         if not goal["reached"] or goal["censored"]:
             continue
         step = goal["step"]
         exact = batch_size * (step / np.interp(step, np.arange(len(ideal)), ideal) - 1)
         assert goal["b_noise_path"] == pytest.approx(exact, rel=0.15), (goal["threshold"], goal["b_noise_path"], exact)
-        # its standard error is honest (it errs large: the spread about the window holds G's change)
+        # its standard error is honest (NaN before 8 measurements: then it says nothing)
         se = goal["b_noise_path_se"]
-        assert abs(goal["b_noise_path"] - exact) < 3 * se and se < 0.25 * exact, (goal["threshold"], se)
+        if goal["step"] >= IdealSteps.MIN_MEASUREMENTS:
+            assert abs(goal["b_noise_path"] - exact) < 3 * se and se < 0.25 * exact, (goal["threshold"], se)
+            with_se += 1
         checked += 1
-    assert checked >= 3
+    assert checked >= 3 and with_se >= 2
 
 
 def test_the_path_rate_takes_each_measurement_not_the_lagging_window():

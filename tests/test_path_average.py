@@ -59,6 +59,27 @@ def test_noisy_unresolved_gradient_estimates_average_out():
     assert np.mean(np.array(estimates) <= 0) > 0.01  # single runs are that noisy: no ratio would do
 
 
+def test_the_path_average_standard_error_matches_the_spread_over_repeats():
+    """Noisy measurements of a constant G (B_noise 300 at B = 64): the standard error that one run
+    reports is, on average, the spread of the path average over 300 repeats (within 25%); NaN
+    from fewer than MIN_MEASUREMENTS measurements."""
+    rng = np.random.default_rng(1)
+    trace, truth, B = 5.0, 300.0, 64
+    values, errors = [], []
+    for _ in range(300):
+        ideal = IdealSteps(B)
+        for s in range(0, 1001, 10):
+            ideal.advance(s, trace / truth * (1 + 0.5 * rng.standard_normal()), trace / truth, trace)
+        values.append(ideal.path_average(1000))
+        errors.append(ideal.path_average_se(1000))
+    assert np.mean(values) == pytest.approx(truth, rel=0.02)
+    assert np.mean(errors) == pytest.approx(np.std(values), rel=0.25), (np.mean(errors), np.std(values))
+    early = IdealSteps(B)
+    for s in range(0, 70, 10):
+        early.advance(s, trace / truth, trace / truth, trace)
+    assert np.isnan(early.path_average_se(65)) and np.isfinite(early.path_average(65))
+
+
 def curve(steps, values):
     return {"step": list(steps), "train_loss": list(values), "train_error": list(values)}
 

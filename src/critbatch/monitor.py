@@ -142,10 +142,15 @@ class IdealSteps:
     batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale averaged along the
     path to step s, weighted as B_crit weights it.
 
-    Its standard error (`path_average_se`): each held rate's error is B (g - G_w)/(|G_w| B + T_w)
-    (the spread of g about the window, which also holds G's real change: an overestimate), the
-    errors of different measurements are independent, and one held for n steps counts n times in
-    ideal(s). Zero where `measured` is the window's own value (B_simple's path: not known)."""
+    Its standard error (`path_average_se`): the error of a held rate B g/(|G_w| B + T_w) is taken
+    from the next measurement, |g' - g|/sqrt(2) in place of g's standard deviation (the difference
+    of two independent estimates; G's real change between them makes it an overestimate), the
+    errors of different measurements are independent, and a rate held for n steps counts n times
+    in ideal(s); past the last measurement, the last rate's error is taken to be the one before's.
+    NaN from fewer than MIN_MEASUREMENTS measurements: a spread from so few says nothing. Not
+    meaningful where `measured` is the window's own value (B_simple's path)."""
+
+    MIN_MEASUREMENTS = 8
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
@@ -153,7 +158,9 @@ class IdealSteps:
         self.ideal: list[float] = []
         self.variance: list[float] = []  # of ideal at the knots
         self.rate = 0.0                # ideal steps per step since the last knot
-        self.rate_error = 0.0          # its estimated standard error
+        self.scale = 0.0               # the rate per unit of G there: B / (|G_w| B + T_w)
+        self.measured = math.nan       # the G measured there
+        self.rate_error = 0.0          # the standard error of the rate held before it
 
     def advance(self, step: float, measured: float, smoothed: float, smoothed_trace: float) -> None:
         """A new measurement at `step` (`measured`: its own unbiased G; `smoothed`, `smoothed_trace`:
@@ -162,13 +169,13 @@ class IdealSteps:
             self.steps, self.ideal, self.variance = [float(step)], [0.0], [0.0]
         elif step > self.steps[-1]:
             held = step - self.steps[-1]
+            self.rate_error = abs(measured - self.measured) / math.sqrt(2) * self.scale
             self.ideal.append(self.ideal[-1] + self.rate * held)
             self.variance.append(self.variance[-1] + (self.rate_error * held) ** 2)
             self.steps.append(float(step))
-        b = self.batch_size
-        denominator = abs(smoothed) * b + max(smoothed_trace, 0.0)
-        self.rate = measured * b / denominator if denominator > 0 else 0.0
-        self.rate_error = abs(measured - smoothed) * b / denominator if denominator > 0 else 0.0
+        denominator = abs(smoothed) * self.batch_size + max(smoothed_trace, 0.0)
+        self.scale = self.batch_size / denominator if denominator > 0 else 0.0
+        self.rate, self.measured = measured * self.scale, measured
 
     def at(self, step: float) -> float:
         """ideal(step), extrapolated at the current rate past the last estimate."""
@@ -189,7 +196,8 @@ class IdealSteps:
     def path_average_se(self, step: float) -> float:
         """Standard error of path_average(step): B step se(ideal) / ideal^2 (delta method)."""
         ideal = self.at(step)
-        if not math.isfinite(self.path_average(step)):
+        measurements = np.searchsorted(self.steps, step, "right")
+        if not math.isfinite(self.path_average(step)) or measurements < self.MIN_MEASUREMENTS:
             return math.nan
         if step >= self.steps[-1]:
             variance = self.variance[-1] + (self.rate_error * (step - self.steps[-1])) ** 2
