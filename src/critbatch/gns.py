@@ -91,7 +91,7 @@ class NoiseScale:
     standard error) and `updates`.
 
     >>> noise = NoiseScale(beta=0.99)
-    >>> noise.update(small_sq_norm=2.0, big_sq_norm=1.2, small_batch=32, big_batch=128)
+    >>> measured = noise.update(small_sq_norm=2.0, big_sq_norm=1.2, small_batch=32, big_batch=128)
     >>> noise.grad_sq_norm, noise.trace_sigma        # one update: that update's unbiased estimates
     (0.9333333333333332, 34.13333333333333)
     >>> round(noise.b_simple, 3)                     # tr(Sigma) / |G|^2
