@@ -136,8 +136,8 @@ class IdealSteps:
     noise averages out along the path instead of blowing up a ratio, and unbiased where G_w B << T_w.
     The window's G_w alone in the numerator would lag: G falls steeply early in training, and a
     window still holding the first steps' large G overstates the progress: on linreg, measured
-    every step, that put the path averages at 0.53-0.85 of their exact values along the same
-    trajectory (docs/noise_scales.md). B_simple's path still uses the window's G (RunBook.add_noise
+    every step, that put B_noise's path average at 0.65-0.81 of its exact value along the same
+    trajectory, B_simple's at 0.54-1.05 (docs/noise_scales.md). B_simple's path still uses the window's G (RunBook.add_noise
     says why); B_noise's uses each measurement's own (tests/test_curvature.py). From a run at
     batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale averaged along the
     path to step s, weighted as B_crit weights it.

@@ -302,7 +302,7 @@ class Interrupt:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: B_noise's path average keeps its variance (a version-1 state cannot resume it)
 
 
 class Training:
