@@ -69,12 +69,11 @@ from critbatch.config import RunConfig
 from critbatch.monitor import RunBook
 from critbatch.tasks import Task
 from critbatch.curvature import b_noise_at
-from critbatch.train import Batches, Training, has_batchnorm
+from critbatch.train import MAX_CURVATURE_MICRO_BATCH, Batches, Training, has_batchnorm
 
 DEFAULT_DRAWS = 2000
 DEFAULT_HVP_DRAWS = 400    # B_noise by Hessian-vector products at the same point: ~7% at MNIST-1D's goals
 HVP_MICRO_BATCHES = 4
-MAX_HVP_MICRO_BATCH = 4096
 PILOT_DRAWS = 256          # draws that locate the minimum of the averaged curve
 MAX_ROWS = 1 << 16         # examples (or examples x parameter sets) per vectorised pass: memory
 # Around the located minimum eps_best, as multiples of it: the parabola whose vertex is eps_best
@@ -426,7 +425,7 @@ def _reference(point: FixedPoint, task: Task, goal: dict) -> tuple[float, str]:
 def hvp_b_noise(model: nn.Module, task: Task, guess: float, draws: int, seed: int):
     """B_noise of the model as it is by the two-batch Hessian-vector-product estimator, on `draws`
     batches of HVP_MICRO_BATCHES micro-batches of about `guess` examples (the line search's B_noise)."""
-    micro = int(min(max(round(guess) if np.isfinite(guess) else 64, 1), MAX_HVP_MICRO_BATCH))
+    micro = int(min(max(round(guess) if np.isfinite(guess) else 64, 1), MAX_CURVATURE_MICRO_BATCH))
     batches = Batches(task, micro * HVP_MICRO_BATCHES, "with_replacement", seed + 7, next(model.parameters()).device)
     return b_noise_at(model, task.loss, batches, HVP_MICRO_BATCHES, draws)
 
