@@ -2,7 +2,11 @@
 of its uninterrupted twin: the same steps to every goal, the same B_simple, the same curve."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -100,3 +104,53 @@ def test_a_checkpoint_of_other_runs_is_not_used(tmp_path):
     record = train_pack(other, [tmp_path])[0]
     fresh = train_pack(other, [tmp_path / "fresh"])[0]
     assert untimed(record) == untimed(fresh)
+
+
+class FillDiskAt(InterruptAt):
+    """At step `at`, fills the disk but for `room` bytes and asks training to stop, so that the
+    checkpoint written on the way out starts, then meets a full disk halfway."""
+
+    def __init__(self, at: int, disk, room: int):
+        super().__init__(at)
+        self.disk, self.room = disk, room
+
+    @property
+    def requested(self):
+        self.looks += 1
+        if self.looks <= self.at:
+            return None
+        filler = self.disk / "filler"
+        with open(filler, "wb", buffering=0) as handle:  # unbuffered: nothing left to flush
+            with contextlib.suppress(OSError):
+                while True:
+                    handle.write(b"\0" * 4096)
+        os.truncate(filler, filler.stat().st_size - self.room)
+        return "TEST"
+
+    @requested.setter
+    def requested(self, value):
+        pass
+
+
+def test_a_checkpoint_on_a_full_disk_says_so_and_keeps_the_last_good_one(tmp_path):
+    """A real full disk (a small tmpfs). torch.save straight into a file that fills up halfway
+    fails with an opaque "enforce fail at inline_container.cc"; the error must name the full disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        configs, run = CASES["sgd"], disk / "run"
+        with pytest.raises(Interrupted):
+            train_pack(configs, [run], interrupt=InterruptAt(20))
+        good = (run / CHECKPOINT_FILE).read_bytes()
+        with pytest.raises(OSError) as failure:
+            train_pack(configs, [run], interrupt=FillDiskAt(20, disk, room=len(good) // 2))
+        assert failure.value.errno == errno.ENOSPC and "No space left on device" in str(failure.value)
+        assert (run / CHECKPOINT_FILE).read_bytes() == good  # the last good checkpoint, untouched
+        assert not list(run.glob(".*.tmp"))  # no half-written file left behind
+        # the half-written checkpoint is gone, so there is room again for the record of the failure
+        failed = records.read_record(run / records.RECORD_FILE)
+        assert failed["status"] == records.FAILED and "No space left on device" in failed["summary"]["error"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

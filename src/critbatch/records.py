@@ -115,12 +115,17 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_record(path: str | os.PathLike, record: dict) -> None:
-    """Write `record` to `path` atomically: a reader sees the old file or the new one, never half.
+    """Write `record` to `path` as JSON, atomically (see `write_atomically`)."""
+    write_atomically(path, json.dumps(_json_safe(record), allow_nan=False).encode())
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` atomically: a reader sees the old file or the new one, never half.
     The file gets the permissions the umask gives (0644 under the usual 022, 0664 under 002), so
-    lab-mates can read a sweep on shared scratch."""
+    lab-mates can read a sweep on shared scratch. A full disk raises OSError(ENOSPC), whose
+    message says so, and leaves the old file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(record), allow_nan=False)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:  # not mkstemp: its files are 0600 whatever the umask
@@ -129,8 +134,8 @@ def write_record(path: str | os.PathLike, record: dict) -> None:
         except FileExistsError:
             continue
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

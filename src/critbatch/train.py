@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
-import os
 import signal
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -569,15 +568,11 @@ class Training:
         self.noise.flush(self.books)  # measurements pending on the device go into the books first
         self.curvature.flush(self.books)
         state = self.state_dict()
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_path.parent, prefix=".checkpoint.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, self.checkpoint_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Serialised in memory first: torch.save writing to a full disk fails with an opaque
+        # "[enforce fail at inline_container.cc] unexpected pos", a plain write says ENOSPC.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        records.write_atomically(self.checkpoint_path, buffer.getbuffer())
         for book in self.books:  # the records say how far the checkpoint got
             book.save()
 
