@@ -86,7 +86,6 @@ def check_settings(launcher: dict, run=subprocess.run) -> None:
         value = launcher.get(key) or 0
         if not (_is_int(value) and value >= 0):
             raise SweepError(f"launcher.{key}={value!r} must be an integer >= 0")
-    gpus = launcher.get("gpus_per_node") or 0
     for key in WORD_SETTINGS:
         value = launcher.get(key)
         if value is not None and not (isinstance(value, str) and value and not re.search(r"\s", value)):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
@@ -44,3 +46,28 @@ def launch_here(sweep_dir: Path, *overrides: str) -> int:
         if value == "NEWLINE":
             extra[key] = "END\n#SBATCH --exclusive"
     return launch_sweep(cfg, sweep_dir, overrides=list(overrides))
+
+
+def exact_ideal_steps(config: dict, steps: int, scale: str) -> np.ndarray:
+    """A linreg run's own trajectory, replayed here in float64 from its batches (its seed's stream
+    of fresh samples), and the noise scale `scale` ("b_simple" or "b_noise", closed forms from
+    tests/reference/linreg_dynamics) along it: the ideal steps sum_s 1/(1 + scale(w_s)/B) after
+    0..steps steps (McCandlish et al. eq. 2.10-2.11); B (s/ideal(s) - 1) is the exact path
+    average. Plain SGD only."""
+    import torch
+
+    from critbatch.tasks import build_task
+    from tests.reference.linreg_dynamics import linreg_problem, noise_scales
+
+    task_options = {k: v for k, v in config["task"].items() if k != "name"}
+    assert config["optimizer"]["name"] == "sgd" and set(task_options) <= {"dim", "decay", "target_scale"}
+    spectrum, w_star = linreg_problem(**task_options)
+    task = build_task("linreg", **task_options)
+    task.load("cpu")
+    generator = torch.Generator().manual_seed(config["seed"])
+    B, lr, w, ideal = config["batch_size"], config["optimizer"]["lr"], np.zeros(len(spectrum)), [0.0]
+    for _ in range(steps):
+        ideal.append(ideal[-1] + 1 / (1 + noise_scales(spectrum, w_star, 1.0, w)[scale] / B))
+        x, y = (t.double().numpy() for t in task.sample(B, generator))
+        w = w - lr * x.T @ (x @ w - y) / B
+    return np.array(ideal)

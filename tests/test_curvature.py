@@ -13,15 +13,13 @@ from torch.func import functional_call
 
 from critbatch.config import DEFAULT_HESSIAN_EVERY, ConfigError, RunConfig, hessian_interval
 from critbatch.curvature import curvature_batch_sizes, curvature_forms, curvature_forms_autograd
-from critbatch.gns import NoiseScale, unbiased_sq_norm_and_trace
+from critbatch.gns import unbiased_sq_norm_and_trace
 from critbatch.monitor import IdealSteps, RunBook
 from critbatch.packed import PackedStep
 from critbatch.tasks import build_task
-from critbatch.train import Batches, PlainStep, Training, probe_noise, train
-from scipy.integrate import quad
+from critbatch.train import Batches, PlainStep, Training, train
+from tests.helpers import exact_ideal_steps
 from tests.reference.exact_noise import exact_noise_scales as exact_scales
-from tests.reference.linreg_dynamics import linreg_problem
-from tests.reference.linreg_dynamics import noise_scales as exact_noise_scales
 
 Z = 4.0
 
@@ -151,23 +149,6 @@ def test_settings_that_cannot_give_b_noise_are_refused_before_training(changes, 
         assert hessian_interval(run, build_task(**run.task)) == (DEFAULT_HESSIAN_EVERY if "-1" in str(changes) else 0)
 
 
-def exact_path_averages(config: dict, steps: int) -> np.ndarray:
-    """The run's own trajectory, replayed here in float64 from its batches (its seed's stream of
-    fresh linreg samples), and B_noise averaged along it exactly: ideal steps sum_s 1/(1 +
-    B_noise(w_s)/B), path average B (s/ideal(s) - 1) (McCandlish et al. eq. 2.10-2.11). Returns
-    the cumulative ideal steps after 0..steps steps."""
-    spectrum, w_star = linreg_problem(dim=32, target_scale=3.0)
-    task = build_task("linreg", dim=32, target_scale=3.0)
-    task.load("cpu")
-    generator = torch.Generator().manual_seed(config["seed"])
-    B, lr, w, ideal = config["batch_size"], config["optimizer"]["lr"], np.zeros(32), [0.0]
-    for _ in range(steps):
-        ideal.append(ideal[-1] + 1 / (1 + exact_noise_scales(spectrum, w_star, 1.0, w)["b_noise"] / B))
-        x, y = (t.double().numpy() for t in task.sample(B, generator))
-        w = w - lr * x.T @ (x @ w - y) / B
-    return np.array(ideal)
-
-
 @pytest.mark.parametrize("batch_size, lr, draws", [(8, 0.1, 20), (128, 0.3, 40)])
 def test_b_noise_path_average_is_the_exact_one_along_the_run(batch_size, lr, draws):
     """Inside real training runs, at every goal: B_noise averaged along the path (the online
@@ -180,7 +161,7 @@ def test_b_noise_path_average_is_the_exact_one_along_the_run(batch_size, lr, dra
               "noise_scale": {"every": 1, "hessian_every": 1, "hessian_micro_batch": 256, "hessian_draws": draws,
                               "probe_batches": 0}}
     record = train(config)
-    ideal = exact_path_averages(config, record["summary"]["steps"])
+    ideal = exact_ideal_steps(config, record["summary"]["steps"], "b_noise")
     checked = with_se = 0
     for goal in record["goals"]:
         if not goal["reached"] or goal["censored"]:
@@ -195,21 +176,6 @@ def test_b_noise_path_average_is_the_exact_one_along_the_run(batch_size, lr, dra
             with_se += 1
         checked += 1
     assert checked >= 3 and with_se >= 2
-
-
-def test_the_path_rate_takes_each_measurement_not_the_lagging_window():
-    """G falling tenfold over the run, the window centred 200 steps behind, B G << T: the rate built
-    from each measurement's own G gives the exact ideal steps; the window's G alone overstates them."""
-    B, T = 16, 5000.0
-    truth = lambda s: 10.0 * 0.1 ** (s / 1000)  # noqa: E731
-    own, lagging = IdealSteps(B), IdealSteps(B)
-    for s in range(0, 1001, 10):
-        window = truth(max(s - 200, 0))  # a window centred 200 steps behind
-        own.advance(s, truth(s), window, T)
-        lagging.advance(s, window, window, T)
-    exact, _ = quad(lambda s: B * truth(s) / (B * truth(s) + T), 0, 1000)
-    assert own.at(1000) == pytest.approx(exact, rel=0.05)
-    assert lagging.at(1000) > 1.2 * exact
 
 
 def test_digits_b_noise_probed_at_goals_is_the_exact_one():

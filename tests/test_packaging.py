@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from critbatch import records
-from tests.helpers import CONF, REPO, SMALL, launch, launch_here
+from tests.helpers import CONF, REPO, SMALL, launch_here
 
 SOURCES = ("pyproject.toml", "README.md", "src", "sweeps", "analysis", "conf")
 

@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from critbatch.monitor import IdealSteps, stalled
+from critbatch.config import RunConfig
+from critbatch.monitor import IdealSteps, RunBook, stalled
+from critbatch.train import train
+from tests.helpers import exact_ideal_steps
 
 
 def feed(ideal: IdealSteps, b_noise, steps, trace=5.0):
-    for s in steps:
-        ideal.advance(s, trace / b_noise(s), trace / b_noise(s), trace)
+    """Exact measurements of G = trace / b_noise(s) and T = trace at each of `steps`."""
+    steps = list(steps)
+    for s, gap in zip(steps, np.diff(steps, prepend=steps[0] - 1)):
+        ideal.advance(s, trace / b_noise(s), trace, gap)
 
 
 @pytest.mark.parametrize("batch_size", [8, 256, 8192])
@@ -50,7 +55,7 @@ def test_noisy_unresolved_gradient_estimates_average_out():
     for seed in range(400):
         ideal = IdealSteps(8)
         for s in range(0, 2001, 10):
-            ideal.advance(s, *[trace / truth + 0.02 * rng.standard_normal()] * 2, trace)
+            ideal.advance(s, trace / truth + 0.02 * rng.standard_normal(), trace, 10)
         estimates.append(ideal.at(2000))
     exact = 2000 / (1 + truth / 8)
     mean, se = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))
@@ -61,7 +66,7 @@ def test_noisy_unresolved_gradient_estimates_average_out():
 
 def test_the_path_average_standard_error_matches_the_spread_over_repeats():
     """Noisy measurements of a constant G (B_noise 300 at B = 64): the standard error that one run
-    reports is, on average, the spread of the path average over 300 repeats (within 25%); NaN
+    reports is, on average, the spread of the path average over 300 repeats, or a little more; NaN
     from fewer than MIN_MEASUREMENTS measurements."""
     rng = np.random.default_rng(1)
     trace, truth, B = 5.0, 300.0, 64
@@ -69,15 +74,74 @@ def test_the_path_average_standard_error_matches_the_spread_over_repeats():
     for _ in range(300):
         ideal = IdealSteps(B)
         for s in range(0, 1001, 10):
-            ideal.advance(s, trace / truth * (1 + 0.5 * rng.standard_normal()), trace / truth, trace)
+            ideal.advance(s, trace / truth * (1 + 0.5 * rng.standard_normal()), trace, 10)
         values.append(ideal.path_average(1000))
         errors.append(ideal.path_average_se(1000))
     assert np.mean(values) == pytest.approx(truth, rel=0.02)
-    assert np.mean(errors) == pytest.approx(np.std(values), rel=0.25), (np.mean(errors), np.std(values))
+    # conservative: a high g also raises its neighbours' denominators, which the error of each
+    # rate alone leaves out (measured: 1.26x the spread)
+    assert 0.9 < np.mean(errors) / np.std(values) < 1.35, (np.mean(errors), np.std(values))
     early = IdealSteps(B)
     for s in range(0, 70, 10):
-        early.advance(s, trace / truth, trace / truth, trace)
+        early.advance(s, trace / truth, trace, 10)
     assert np.isnan(early.path_average_se(65)) and np.isfinite(early.path_average(65))
+
+
+def test_the_run_book_path_rate_is_unbiased_with_gradients_drawn_from_a_known_noise():
+    """Micro-batch gradients drawn from a known noise (Sigma = 2 I in 10 dimensions, |G|^2 falling
+    from 1 to 0.1 over 200 steps: B_simple from 20 to 200) fed to a RunBook at B = 32 as training
+    feeds it, one measurement per step: over 300 repeats its ideal steps are exact within 3
+    standard errors and 5%. Measured with three seeds: 0.99-1.00 of exact (+- 0.004). The window's
+    |G|^2 in the numerator (it lags, and G falls) gave 1.12; each measurement's own |G|^2 over the
+    window after it (which holds the measurement's own noise) 0.97, 8 standard errors off."""
+    rng = np.random.default_rng(2)
+    dim, sigma2, B, k, steps = 10, 2.0, 32, 4, 200
+    sq_norm = 10.0 ** (-np.arange(steps + 1) / steps)
+    run = RunConfig.from_dict({"task": {"name": "digits"}, "batch_size": B, "device": "cpu"})
+    ideal = []
+    for _ in range(300):
+        book = RunBook(run, None)
+        for step in range(steps + 1):
+            G = np.sqrt(sq_norm[step]) * np.eye(dim)[0]
+            micro = G + rng.standard_normal((k, dim)) * np.sqrt(sigma2 / (B // k))
+            small, big = float(np.mean(np.sum(micro ** 2, axis=1))), float(np.sum(micro.mean(axis=0) ** 2))
+            book.add_noise(small, big, B // k, B, step=step, gap=1)
+        ideal.append(book.ideal.at(steps))
+    exact = float(np.sum(1 / (1 + dim * sigma2 / (sq_norm[:steps] * B))))
+    mean, se = np.mean(ideal), np.std(ideal, ddof=1) / np.sqrt(len(ideal))
+    assert abs(mean - exact) < 3 * se and abs(mean - exact) < 0.05 * exact, (mean, se, exact)
+
+
+@pytest.mark.parametrize("batch_size, lr, tolerance", [(32, 0.02, 0.25), (128, 0.03, 0.05)])
+def test_b_simple_path_average_is_the_exact_one_along_real_runs(batch_size, lr, tolerance):
+    """Inside real linreg runs, measured every step, at every goal: the ideal steps behind
+    B_simple's path average against the exact ones along each run's own trajectory (replayed in
+    float64, closed forms at every step), over 12 seeds: exact within 3 standard errors and the
+    tolerance (one run's spread is 0.24 at B = 32, 0.08 at B = 128; measured with 16-32 seeds:
+    0.94-1.03 of exact, +- 0.04 and +- 0.02). Each run's path average is within its standard
+    error (rms of error/se at most 1.5; measured 0.7-1.1). Each measurement's own |G|^2 over a
+    window that holds it (trailing, as the noise scale's) gave 0.93 +- 0.02 at B = 128."""
+    ratios, errors = {}, []
+    for seed in range(12):
+        config = {"task": {"name": "linreg", "dim": 32, "target_scale": 3.0}, "batch_size": batch_size,
+                  "device": "cpu", "seed": seed, "optimizer": {"name": "sgd", "lr": lr},
+                  "smoothing": {"min_examples": 64},
+                  "goals": {"metric": "exact_excess_loss", "thresholds": [0.1, 0.06, 0.04]},
+                  "noise_scale": {"every": 1, "probe_batches": 0}}
+        record = train(config)
+        exact = exact_ideal_steps(config, record["summary"]["steps"], "b_simple")
+        for goal in record["goals"]:
+            if not goal["reached"] or goal["censored"]:
+                continue
+            ideal = np.interp(goal["step"], np.arange(len(exact)), exact)
+            ratios.setdefault(goal["threshold"], []).append(goal["ideal_steps"] / ideal)
+            path = batch_size * (goal["step"] / ideal - 1)
+            errors.append((goal["b_simple_path"] - path) / goal["b_simple_path_se"])
+    assert len(ratios) == 3 and all(len(r) >= 10 for r in ratios.values())
+    for threshold, r in ratios.items():
+        mean, se = np.mean(r), np.std(r, ddof=1) / np.sqrt(len(r))
+        assert abs(mean - 1) < 3 * se and abs(mean - 1) < tolerance, (threshold, mean, se)
+    assert np.sqrt(np.nanmean(np.square(errors))) < 1.5, errors
 
 
 def curve(steps, values):

@@ -2,7 +2,6 @@
 when its data is missing."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

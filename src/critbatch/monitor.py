@@ -131,59 +131,97 @@ class IdealSteps:
     The paper's model (eq. 2.10): one step at batch size B makes the progress of 1/(1 + B_noise/B)
     ideal steps, so S = S_min + E_min/B with S_min the ideal steps and E_min/S_min the average of
     B_noise over them. With a noise scale T/G (B_simple: T = tr(Sigma), G = |G|^2; B_noise: T =
-    tr(H Sigma), G = G^T H G) the rate is B G/(G B + T), written B g/(|G_w| B + T_w) with g this
-    measurement's own unbiased G and G_w, T_w the window's averages: linear in the noisy g, so its
-    noise averages out along the path instead of blowing up a ratio, and unbiased where G_w B << T_w.
-    The window's G_w alone in the numerator would lag: G falls steeply early in training, and a
-    window still holding the first steps' large G overstates the progress: on linreg, measured
-    every step, that put B_noise's path average at 0.65-0.81 of its exact value along the same
-    trajectory, B_simple's at 0.54-1.05 (docs/noise_scales.md). B_simple's path still uses the window's G (RunBook.add_noise
-    says why); B_noise's uses each measurement's own (tests/test_curvature.py). From a run at
-    batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale averaged along the
-    path to step s, weighted as B_crit weights it.
+    tr(H Sigma), G = G^T H G), measurement i at step s_i gives its own unbiased estimates g_i, t_i
+    and its rate, held until the next measurement, is
 
-    Its standard error (`path_average_se`): the error of a held rate B g/(|G_w| B + T_w) is taken
-    from the next measurement, |g' - g|/sqrt(2) in place of g's standard deviation (the difference
-    of two independent estimates; G's real change between them makes it an overestimate), the
-    errors of different measurements are independent, and a rate held for n steps counts n times
-    in ideal(s); past the last measurement, the last rate's error is taken to be the one before's.
-    NaN from fewer than MIN_MEASUREMENTS measurements: a spread from so few says nothing. Not
-    meaningful where `measured` is the window's own value (B_simple's path)."""
+        B g_i / (|G_i| B + T_i),   G_i, T_i: the mean of the OTHER measurements within s_i +- h_i,
+
+    a window centred on s_i, as wide (2 h_i) as the noise-scale window (`relative_window` of the
+    steps, at least `min_window` steps) and holding at least two measurements on either side,
+    each measurement weighted by the steps it stands for.
+    - Linear in the noisy g_i, so its noise averages out along the path instead of blowing up a
+      ratio, and unbiased where G B << T.
+    - Leave-one-out: g_i's own noise is not in its denominator (a window holding it biased the
+      rate low: t_i, from the same two norms, carries the opposite noise).
+    - Centred: a trailing window lags, and G and T fall along training. The trailing window's G
+      in the numerator put B_noise's path average at 0.65-0.81 of exact on linreg, B_simple's at
+      0.54-1.05; each g_i over a trailing window still left the ideal steps 6% low where G fell
+      tenfold in 200 steps (tests/test_path_average.py). The newest measurements, within h of
+      the last one, have only those before them and the few since: their rates are provisional
+      until the window around them fills, and a goal keeps the value known when it was crossed.
+    From a run at batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale
+    averaged along the path to step s, weighted as B_crit weights it.
+
+    Its standard error (`path_average_se`): the error of a held rate is taken from the next
+    measurement, |g' - g|/sqrt(2) in place of g's standard deviation (the difference of two
+    independent estimates; G's real change between them makes it an overestimate), the errors of
+    different measurements are independent, and a rate held for n steps counts n times in
+    ideal(s); past the last measurement, the last rate's error is taken to be the one before's.
+    NaN from fewer than MIN_MEASUREMENTS measurements: a spread from so few says nothing."""
 
     MIN_MEASUREMENTS = 8
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.steps: list[float] = []   # knots of the piecewise-linear ideal(step), from the first estimate
-        self.ideal: list[float] = []
-        self.variance: list[float] = []  # of ideal at the knots
-        self.rate = 0.0                # ideal steps per step since the last knot
-        self.scale = 0.0               # the rate per unit of G there: B / (|G_w| B + T_w)
-        self.measured = math.nan       # the G measured there
-        self.rate_error = 0.0          # the standard error of the rate held before it
+    def __init__(self, batch_size: int, relative_window: float = 0.1, min_window: float = 0.0):
+        self.batch_size, self.relative_window, self.min_window = batch_size, relative_window, min_window
+        # every measurement: its step, its own G and T, and the steps it stands for
+        self.steps: list[float] = []
+        self.grad: list[float] = []
+        self.trace: list[float] = []
+        self.gaps: list[float] = []
+        self._cache: tuple | None = None  # (measurements, knots' ideal steps, their variances, rates, rate errors)
 
-    def advance(self, step: float, measured: float, smoothed: float, smoothed_trace: float) -> None:
-        """A new measurement at `step` (`measured`: its own unbiased G; `smoothed`, `smoothed_trace`:
-        the window's G and T): the steps since the last one progressed at the old rate."""
-        if not self.steps:
-            self.steps, self.ideal, self.variance = [float(step)], [0.0], [0.0]
-        elif step > self.steps[-1]:
-            held = step - self.steps[-1]
-            self.rate_error = abs(measured - self.measured) / math.sqrt(2) * self.scale
-            self.ideal.append(self.ideal[-1] + self.rate * held)
-            self.variance.append(self.variance[-1] + (self.rate_error * held) ** 2)
-            self.steps.append(float(step))
-        denominator = abs(smoothed) * self.batch_size + max(smoothed_trace, 0.0)
-        self.scale = self.batch_size / denominator if denominator > 0 else 0.0
-        self.rate, self.measured = measured * self.scale, measured
+    def advance(self, step: float, grad: float, trace: float, gap: float = 1.0) -> None:
+        """A measurement at `step` of its own unbiased G and T, standing for `gap` steps."""
+        if self.steps and step <= self.steps[-1]:  # NoiseMeasurements measures at most once a step
+            raise ValueError(f"measurements must come in step order: {step} after {self.steps[-1]}")
+        self._cache = None
+        self.steps.append(float(step))
+        self.grad.append(float(grad))
+        self.trace.append(float(trace))
+        self.gaps.append(float(gap))
+
+    def _knots(self) -> tuple:
+        """From all measurements so far: the ideal steps and their variances at each measurement's
+        step, each one's rate and the rate's standard error."""
+        if self._cache is not None and self._cache[0] == len(self.steps):
+            return self._cache[1:]
+        s, g, t, w = (np.asarray(x, dtype=float) for x in (self.steps, self.grad, self.trace, self.gaps))
+        # as wide as the noise-scale window, at least two measurements on either side, and
+        # symmetric near the start, where G falls fastest (the first, alone, takes its own values)
+        half = np.maximum(np.maximum(self.relative_window * s, self.min_window), 4 * w) / 2
+        half = np.minimum(half, s - s[0])
+        lo, hi = np.searchsorted(s, s - half, "left"), np.searchsorted(s, s + half, "right")
+        sums = []
+        for x in (w, w * g, w * t):  # each window's sum, leaving its own measurement out
+            cumulative = np.concatenate([[0.0], np.cumsum(x)])
+            sums.append(cumulative[hi] - cumulative[lo] - x)
+        weight, sum_g, sum_t = sums
+        alone = weight <= 1e-9 * w  # no other measurement near (the first, alone): its own values
+        others = np.where(alone, 1.0, weight)
+        window_g, window_t = np.where(alone, g, sum_g / others), np.where(alone, t, sum_t / others)
+        denominator = np.abs(window_g) * self.batch_size + np.maximum(window_t, 0.0)
+        scale = self.batch_size / np.where(denominator > 0, denominator, np.inf)
+        rates = g * scale
+        errors = np.zeros_like(rates)
+        errors[:-1] = np.abs(np.diff(g)) / math.sqrt(2) * scale[:-1]
+        if len(errors) > 1:  # the last one's from the difference before it, at its own scale
+            errors[-1] = np.abs(g[-1] - g[-2]) / math.sqrt(2) * scale[-1]
+        held = np.diff(s)
+        ideal = np.concatenate([[0.0], np.cumsum(rates[:-1] * held)])
+        variance = np.concatenate([[0.0], np.cumsum((errors[:-1] * held) ** 2)])
+        self._cache = (len(self.steps), ideal, variance, rates, errors)
+        return self._cache[1:]
+
+    def _at(self, step: float) -> tuple[float, float]:
+        """ideal(step) and its variance: the last knot at or before `step`, its rate held since."""
+        ideal, variance, rates, errors = self._knots()
+        k = max(int(np.searchsorted(self.steps, step, "right")) - 1, 0)
+        held = step - self.steps[k]
+        return float(ideal[k] + rates[k] * held), float(variance[k] + (errors[k] * held) ** 2)
 
     def at(self, step: float) -> float:
-        """ideal(step), extrapolated at the current rate past the last estimate."""
-        if not self.steps:
-            return math.nan
-        if step >= self.steps[-1]:
-            return self.ideal[-1] + self.rate * (step - self.steps[-1])
-        return float(np.interp(step, self.steps, self.ideal))
+        """ideal(step), extrapolated at the last rate past the last measurement."""
+        return self._at(step)[0] if self.steps else math.nan
 
     def path_average(self, step: float) -> float:
         """The noise scale averaged along the path to `step` (NaN when the path was not measured
@@ -195,21 +233,25 @@ class IdealSteps:
 
     def path_average_se(self, step: float) -> float:
         """Standard error of path_average(step): B step se(ideal) / ideal^2 (delta method)."""
-        ideal = self.at(step)
         measurements = np.searchsorted(self.steps, step, "right")
         if not math.isfinite(self.path_average(step)) or measurements < self.MIN_MEASUREMENTS:
             return math.nan
-        if step >= self.steps[-1]:
-            variance = self.variance[-1] + (self.rate_error * (step - self.steps[-1])) ** 2
-        else:
-            variance = float(np.interp(step, self.steps, self.variance))
+        ideal, variance = self._at(step)
         return self.batch_size * step * math.sqrt(variance) / ideal ** 2
 
     def state_dict(self) -> dict:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if k != "_cache"}
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+        self._cache = None
+
+
+def advance_path(ideal: IdealSteps, window: NoiseScale, measurement: tuple, step: int, gap: int) -> None:
+    """Average one measurement (small and big norms or forms, small and big batch sizes) into the
+    window, and its own estimates into the path average."""
+    grad, trace = window.update(*measurement, step=step, every=gap)
+    ideal.advance(step, grad, trace, gap)
 
 
 class RunBook:
@@ -222,10 +264,10 @@ class RunBook:
         self.path = Path(out_dir) / records.RECORD_FILE if out_dir is not None else None
         ns, B = config.noise_scale, config.batch_size
         self.noise = NoiseScale(relative_window=ns.relative_window, min_window=ns.min_examples / B)
-        self.ideal = IdealSteps(B)
+        self.ideal = IdealSteps(B, ns.relative_window, ns.min_examples / B)
         # B_noise: the same estimator fed with curvature forms (critbatch.curvature), its own path average
         self.curvature = NoiseScale(relative_window=ns.relative_window, min_window=ns.min_examples / B)
-        self.ideal_noise = IdealSteps(B)
+        self.ideal_noise = IdealSteps(B, ns.relative_window, ns.min_examples / B)
         self.record = records.new_record(config.to_dict())
         self.record["summary"].update(host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__,
                                       python=platform.python_version())
@@ -260,17 +302,12 @@ class RunBook:
                   step: int, gap: int) -> None:
         """One measurement of the squared norms, on the parameters after `step` updates, `gap`
         steps after the previous one."""
-        self.noise.update(small_sq_norm, big_sq_norm, small_batch, big_batch, step=step, every=gap)
-        # the window's |G|^2 in the numerator too: one measurement's, from micro-batches of B/k
-        # (2 examples at B=8), is too noisy for it; so B_simple's path average keeps the lag
-        # (IdealSteps), which B_noise's, from batches of hessian_micro_batch, need not
-        self.ideal.advance(step, self.noise.grad_sq_norm, self.noise.grad_sq_norm, self.noise.trace_sigma)
+        advance_path(self.ideal, self.noise, (small_sq_norm, big_sq_norm, small_batch, big_batch), step, gap)
 
     def add_curvature(self, small_form: float, big_form: float, small_batch: int, big_batch: int,
                       step: int, gap: int) -> None:
         """One measurement of the curvature forms g^T H g at two batch sizes (for B_noise)."""
-        measured, _ = self.curvature.update(small_form, big_form, small_batch, big_batch, step=step, every=gap)
-        self.ideal_noise.advance(step, measured, self.curvature.grad_sq_norm, self.curvature.trace_sigma)
+        advance_path(self.ideal_noise, self.curvature, (small_form, big_form, small_batch, big_batch), step, gap)
 
     def _noise_state(self) -> dict:
         """The window's noise estimates now (numbers only: curves hold numbers)."""
@@ -285,6 +322,7 @@ class RunBook:
         B = self.config.batch_size
         point = {"step": step, "examples": step * B, "wall_time": now, **point, **self._noise_state(),
                  "ideal_steps": self.ideal.at(step), "b_simple_path": self.ideal.path_average(step),
+                 "b_simple_path_se": self.ideal.path_average_se(step),
                  "b_noise_path": self.ideal_noise.path_average(step),
                  "b_noise_path_se": self.ideal_noise.path_average_se(step)}
         for goal, crossed in zip(self.record["goals"], crossed_at):
@@ -296,7 +334,8 @@ class RunBook:
             wall = float(np.interp(crossed, self.curve["step"] + [step], self.curve["wall_time"] + [now]))
             goal.update(reached=True, censored=False, step=crossed, examples=crossed * B, wall_time=wall,
                         **self._noise_state(), noise_source="window", noise_center_step=self.noise.center_step,
-                        b_simple_path=self.ideal.path_average(crossed), ideal_steps=self.ideal.at(crossed),
+                        b_simple_path=self.ideal.path_average(crossed),
+                        b_simple_path_se=self.ideal.path_average_se(crossed), ideal_steps=self.ideal.at(crossed),
                         b_noise_path=self.ideal_noise.path_average(crossed),
                         b_noise_path_se=self.ideal_noise.path_average_se(crossed))
         for key, value in point.items():

@@ -362,7 +362,7 @@ def _num(value) -> float:
 
 #: per-goal values of the noise scale at the crossing (docs/records.md)
 GOAL_NOISE_COLUMNS = ("b_simple", "b_simple_se", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
-                      "trace_sigma_se", "noise_cov", "noise_updates", "b_simple_path",
+                      "trace_sigma_se", "noise_cov", "noise_updates", "b_simple_path", "b_simple_path_se",
                       # B_noise (critbatch.curvature), where it was measured
                       "b_noise", "b_noise_se", "grad_h_grad", "grad_h_grad_se", "trace_h_sigma", "trace_h_sigma_se",
                       "b_noise_path", "b_noise_path_se")

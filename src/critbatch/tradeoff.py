@@ -289,7 +289,7 @@ def fit_lr_curve(batch_sizes, lrs, level: float = 0.95, grid_factor: float | Non
 
 #: per-run values carried from the representative run of a (goal, B, lr) to the best-run table
 NOISE_COLUMNS = ("b_simple_se", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma", "trace_sigma_se", "noise_cov",
-                 "b_simple_path", "b_simple_init", "b_simple_init_se")
+                 "b_simple_path", "b_simple_path_se", "b_simple_init", "b_simple_init_se")
 
 
 def _reached_steps(df: pd.DataFrame) -> pd.Series:
@@ -666,7 +666,7 @@ def _median_noise_scale(rows: pd.DataFrame, name: str, denominator: str, numerat
       bound, `name_resolved` is False and the median is itself a lower bound.
     - `name_path`: the median over the runs of the noise scale averaged along the path to the goal
       (what S = S_min + E_min/B integrates, to be compared with B_crit). Where the runs give its
-      standard error (`name_path_se`: B_noise), only those resolved to MAX_PATH_RELATIVE_SE count.
+      standard error (`name_path_se`), only those resolved to MAX_PATH_RELATIVE_SE count.
     - `name_init`: the median over the runs of its value at initialisation.
     Rows without standard errors (a plain table) count as resolved. A value from fewer than
     MIN_NOISE_UPDATES measurements (`updates`: the column that counts them) is not counted.

@@ -301,7 +301,9 @@ class Interrupt:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_VERSION = 2  # 2: B_noise's path average keeps its variance (a version-1 state cannot resume it)
+# 2: B_noise's path average keeps its variance (a version-1 state cannot resume it); 3: so does
+# B_simple's, from each measurement's own |G|^2 (a version-2 state holds the window's)
+CHECKPOINT_VERSION = 3
 
 
 class Training:
