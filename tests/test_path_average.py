@@ -66,7 +66,7 @@ def test_noisy_unresolved_gradient_estimates_average_out():
 
 def test_the_path_average_standard_error_matches_the_spread_over_repeats():
     """Noisy measurements of a constant G (B_noise 300 at B = 64): the standard error that one run
-    reports is, on average, the spread of the path average over 300 repeats, or a little more; NaN
+    reports is, on average, the spread of the path average over 300 repeats (within 15%); NaN
     from fewer than MIN_MEASUREMENTS measurements."""
     rng = np.random.default_rng(1)
     trace, truth, B = 5.0, 300.0, 64
@@ -78,9 +78,9 @@ def test_the_path_average_standard_error_matches_the_spread_over_repeats():
         values.append(ideal.path_average(1000))
         errors.append(ideal.path_average_se(1000))
     assert np.mean(values) == pytest.approx(truth, rel=0.02)
-    # conservative: a high g also raises its neighbours' denominators, which the error of each
-    # rate alone leaves out (measured: 1.26x the spread)
-    assert 0.9 < np.mean(errors) / np.std(values) < 1.35, (np.mean(errors), np.std(values))
+    # measured 1.04x; from the numerators' noise alone (a high g also raises its neighbours'
+    # denominators, which that leaves out) it was 1.26x
+    assert 0.9 < np.mean(errors) / np.std(values) < 1.15, (np.mean(errors), np.std(values))
     early = IdealSteps(B)
     for s in range(0, 70, 10):
         early.advance(s, trace / truth, trace, 10)
@@ -118,9 +118,11 @@ def test_b_simple_path_average_is_the_exact_one_along_real_runs(batch_size, lr, 
     B_simple's path average against the exact ones along each run's own trajectory (replayed in
     float64, closed forms at every step), over 12 seeds: exact within 3 standard errors and the
     tolerance (one run's spread is 0.24 at B = 32, 0.08 at B = 128; measured with 16-32 seeds:
-    0.94-1.03 of exact, +- 0.04 and +- 0.02). Each run's path average is within its standard
-    error (rms of error/se at most 1.5; measured 0.7-1.1). Each measurement's own |G|^2 over a
-    window that holds it (trailing, as the noise scale's) gave 0.93 +- 0.02 at B = 128."""
+    0.90-1.03 of exact, +- 0.07 and +- 0.02). Each run's path average is off by about its
+    standard error: rms of error/se at most 1.75, measured 1.0 at B = 32 and 1.4 at B = 128,
+    where the ideal steps came out 1-3% high (1-1.6 standard errors of the seeds' mean), a bias
+    the standard error leaves out. Each measurement's own |G|^2 over a window that holds it
+    (trailing, as the noise scale's) gave 0.93 +- 0.02 at B = 128."""
     ratios, errors = {}, []
     for seed in range(12):
         config = {"task": {"name": "linreg", "dim": 32, "target_scale": 3.0}, "batch_size": batch_size,
@@ -141,7 +143,7 @@ def test_b_simple_path_average_is_the_exact_one_along_real_runs(batch_size, lr, 
     for threshold, r in ratios.items():
         mean, se = np.mean(r), np.std(r, ddof=1) / np.sqrt(len(r))
         assert abs(mean - 1) < 3 * se and abs(mean - 1) < tolerance, (threshold, mean, se)
-    assert np.sqrt(np.nanmean(np.square(errors))) < 1.5, errors
+    assert np.sqrt(np.nanmean(np.square(errors))) < 1.75, errors
 
 
 def curve(steps, values):

@@ -168,7 +168,7 @@ class IdealSteps:
         self.grad: list[float] = []
         self.trace: list[float] = []
         self.gaps: list[float] = []
-        self._cache: tuple | None = None  # (measurements, knots' ideal steps, their variances, rates, rate errors)
+        self._cache: dict | None = None  # what _knots computed, and from how many measurements
 
     def advance(self, step: float, grad: float, trace: float, gap: float = 1.0) -> None:
         """A measurement at `step` of its own unbiased G and T, standing for `gap` steps."""
@@ -180,11 +180,11 @@ class IdealSteps:
         self.trace.append(float(trace))
         self.gaps.append(float(gap))
 
-    def _knots(self) -> tuple:
-        """From all measurements so far: the ideal steps and their variances at each measurement's
-        step, each one's rate and the rate's standard error."""
-        if self._cache is not None and self._cache[0] == len(self.steps):
-            return self._cache[1:]
+    def _knots(self) -> dict:
+        """From all measurements so far: each one's window, rate, and the ideal steps at each
+        measurement's step."""
+        if self._cache is not None and self._cache["count"] == len(self.steps):
+            return self._cache
         s, g, t, w = (np.asarray(x, dtype=float) for x in (self.steps, self.grad, self.trace, self.gaps))
         # as wide as the noise-scale window, at least two measurements on either side, and
         # symmetric near the start, where G falls fastest (the first, alone, takes its own values)
@@ -202,26 +202,50 @@ class IdealSteps:
         denominator = np.abs(window_g) * self.batch_size + np.maximum(window_t, 0.0)
         scale = self.batch_size / np.where(denominator > 0, denominator, np.inf)
         rates = g * scale
-        errors = np.zeros_like(rates)
-        errors[:-1] = np.abs(np.diff(g)) / math.sqrt(2) * scale[:-1]
-        if len(errors) > 1:  # the last one's from the difference before it, at its own scale
-            errors[-1] = np.abs(g[-1] - g[-2]) / math.sqrt(2) * scale[-1]
-        held = np.diff(s)
-        ideal = np.concatenate([[0.0], np.cumsum(rates[:-1] * held)])
-        variance = np.concatenate([[0.0], np.cumsum((errors[:-1] * held) ** 2)])
-        self._cache = (len(self.steps), ideal, variance, rates, errors)
-        return self._cache[1:]
-
-    def _at(self, step: float) -> tuple[float, float]:
-        """ideal(step) and its variance: the last knot at or before `step`, its rate held since."""
-        ideal, variance, rates, errors = self._knots()
-        k = max(int(np.searchsorted(self.steps, step, "right")) - 1, 0)
-        held = step - self.steps[k]
-        return float(ideal[k] + rates[k] * held), float(variance[k] + (errors[k] * held) ** 2)
+        self._cache = dict(count=len(self.steps), s=s, g=g, t=t, w=w, lo=lo, hi=hi, alone=alone, others=others,
+                           window_g=window_g, window_t=window_t, denominator=denominator, scale=scale,
+                           rates=rates, ideal=np.concatenate([[0.0], np.cumsum(rates[:-1] * np.diff(s))]))
+        return self._cache
 
     def at(self, step: float) -> float:
-        """ideal(step), extrapolated at the last rate past the last measurement."""
-        return self._at(step)[0] if self.steps else math.nan
+        """ideal(step): the last measurement's knot at or before `step`, its rate held since
+        (extrapolated past the last measurement)."""
+        if not self.steps:
+            return math.nan
+        knots = self._knots()
+        k = max(int(np.searchsorted(knots["s"], step, "right")) - 1, 0)
+        return float(knots["ideal"][k] + knots["rates"][k] * (step - knots["s"][k]))
+
+    def ideal_variance(self, step: float) -> float:
+        """The variance of at(step), by the delta method over every measurement's g and t: g_i
+        enters its own rate's numerator and, with t_i, the denominators of its neighbours' rates.
+        Each measurement's variances and covariance of (g, t) are taken from its difference with
+        the next one (the one before, for the last): half the squared difference, an
+        overestimate where G and T change between them."""
+        knots = self._knots()
+        s, g, t, w, rates, scale = (knots[k] for k in ("s", "g", "t", "w", "rates", "scale"))
+        n = int(np.searchsorted(s, step, "right"))  # the measurements whose rates ideal(step) holds
+        held = np.append(np.diff(s), 0.0)
+        held[n - 1] = step - s[n - 1]
+        held[n:] = 0.0
+        # d ideal / d denominator_i, spread over the window's members j: per unit of w_j
+        per_member = -rates * held / np.where(knots["denominator"] > 0, knots["denominator"], np.inf) / knots["others"]
+        lo, hi, alone = knots["lo"], knots["hi"], knots["alone"]
+        d_g, d_t = np.zeros(len(s)), np.zeros(len(s))
+        for derivative, factor in ((d_g, self.batch_size * np.sign(knots["window_g"])),
+                                   (d_t, (knots["window_t"] > 0).astype(float))):
+            a = np.where(alone, 0.0, per_member * factor)
+            spread = np.zeros(len(s) + 1)
+            np.add.at(spread, lo, a)
+            np.add.at(spread, hi, -a)
+            derivative += (np.cumsum(spread)[:-1] - a) * w  # the window leaves its own out
+            derivative += np.where(alone, per_member * factor, 0.0)  # alone: its own values
+        d_g += scale * held  # g_i in its own rate's numerator
+        if len(s) < 2:
+            return 0.0
+        dg, dt = np.diff(g), np.diff(t)
+        dg, dt = np.append(dg, dg[-1]), np.append(dt, dt[-1])
+        return float(np.sum(d_g ** 2 * dg ** 2 + d_t ** 2 * dt ** 2 + 2 * d_g * d_t * dg * dt) / 2)
 
     def path_average(self, step: float) -> float:
         """The noise scale averaged along the path to `step` (NaN when the path was not measured
@@ -236,8 +260,7 @@ class IdealSteps:
         measurements = np.searchsorted(self.steps, step, "right")
         if not math.isfinite(self.path_average(step)) or measurements < self.MIN_MEASUREMENTS:
             return math.nan
-        ideal, variance = self._at(step)
-        return self.batch_size * step * math.sqrt(variance) / ideal ** 2
+        return self.batch_size * step * math.sqrt(self.ideal_variance(step)) / self.at(step) ** 2
 
     def state_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "_cache"}
