@@ -255,10 +255,10 @@ def render_summary(a: Analysis, source: str, files: list[Path], figure_notes: li
                 "; in parentheses a residual-bootstrap interval." if boot else "."),
              "B_simple at the goal: the median over the runs of the fitted best cells (all seeds), each "
              "probed at the parameters that crossed the goal, with a 95% bootstrap interval, or a lower "
-             "bound where |G|^2 is not resolved; path: B_simple averaged along the path to the goal (median over the best runs), "
-             "the quantity B_crit is to be compared with; init: at initialisation. B_noise at the goal "
-             "where probed (noise_scale.hessian_probe_batches), and its path average over the best runs "
-             "that resolve it (standard error at most 25%); the lr fit's B_noise echoes how the lr grid was "
+             "bound where |G|^2 is not resolved; path: B_simple averaged along the path to the goal (median over the best runs "
+             "that resolve it, standard error at most 25%), the quantity B_crit is to be compared with; init: at "
+             "initialisation. B_noise at the goal where probed (noise_scale.hessian_probe_batches), and its path "
+             "average likewise; the lr fit's B_noise echoes how the lr grid was "
              "centred. The runs are named in tradeoff_fits.csv (b_simple_runs).", ""]
     for sel, _ in _combos(a.fits):
         fits = _select(a.fits, sel)

@@ -10,13 +10,13 @@ over training, and B_simple likewise. Here, from each sweep's records (critbatch
   censored, not fitted); B_crit average: the fit at the hardest fitted goal. Because
   S = S_min + E_min/B integrates 1 + B_noise/B along the path, B_crit of a goal is B_noise averaged
   along the path to it, so the hardest goal's B_crit is the average over (that much of) training.
-- B_simple start: measured at initialisation; B_simple average: averaged along the path to the
-  hardest fitted goal (IdealSteps, as B_crit averages it). Both medians over the best runs.
+- B_simple start: measured at initialisation, the median over the best runs; B_simple average:
+  averaged along the path to the hardest fitted goal (IdealSteps, as B_crit averages it), the
+  median over the best runs whose path average is resolved (standard error at most 25% of it;
+  tradeoff.MAX_PATH_RELATIVE_SE).
 - B_noise start, where measured (at initialisation, on at most 64 batches: rough); B_noise
-  average: averaged along the path to the hardest fitted goal, the median over the best runs whose
-  path average is resolved (standard error at most 25% of it; tradeoff.MAX_PATH_RELATIVE_SE), "–"
-  where none is: at the default settings B_noise is measured too rarely for that
-  (docs/noise_scales.md says what resolves it).
+  average: as B_simple's, "–" where no best run resolves it: at the default settings B_noise is
+  measured too rarely for that (docs/noise_scales.md says what resolves it).
 Intervals: B_crit's from the fit (and, in parentheses, from resampling seeds when there are two or
 more); the noise scales' are the range over the best runs. Also: the number of runs and their
 training time (the records' summed wall time; the launch's own wall time is the Makefile's to

@@ -171,7 +171,7 @@ def noise_scales(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
 def b_crit_vs_noise_scale(fits: pd.DataFrame, subtitle: str | None = None) -> Figure:
     """(f) B_crit against the noise scales at each goal, log-log, with y = x, as the paper compares
     them: B_simple and B_noise averaged along the path to the goal (what S = S_min + E_min/B
-    integrates; filled; B_noise's from the best runs that resolve it, tradeoff.MAX_PATH_RELATIVE_SE)
+    integrates; filled; from the best runs that resolve it, tradeoff.MAX_PATH_RELATIVE_SE)
     and B_simple and (where probed) B_noise at the goal (open); error bars are 95%."""
     fig = Figure(figsize=(6.2, 5.4), layout="constrained")
     ax = fig.subplots()

@@ -651,7 +651,8 @@ MIN_NOISE_UPDATES = 8
 
 
 # A path average counts at a goal only when its standard error is at most this share of it: at the
-# default settings (B_noise every 100 steps on micro-batches of B/k) B_noise's rarely is.
+# default settings (B_noise every 100 steps on micro-batches of B/k) B_noise's rarely is, and
+# B_simple's is not in short runs at small B.
 MAX_PATH_RELATIVE_SE = 0.25
 
 
