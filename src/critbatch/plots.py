@@ -14,6 +14,7 @@ from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 _MAX_ANNOTATED_CELLS = 150
 
@@ -206,6 +207,10 @@ def b_crit_vs_noise_scale(fits: pd.DataFrame, subtitle: str | None = None) -> Fi
         ax.set_ylim(lo, hi)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # 1-2-5 labels: the default minor labels overlap over 1-2 decades
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.set_minor_formatter(NullFormatter())
     else:
         ax.text(0.5, 0.5, "nothing to show: no goal has both a fit and a noise scale", transform=ax.transAxes,
                 ha="center")
