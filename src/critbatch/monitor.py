@@ -152,12 +152,9 @@ class IdealSteps:
     From a run at batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale
     averaged along the path to step s, weighted as B_crit weights it.
 
-    Its standard error (`path_average_se`): the error of a held rate is taken from the next
-    measurement, |g' - g|/sqrt(2) in place of g's standard deviation (the difference of two
-    independent estimates; G's real change between them makes it an overestimate), the errors of
-    different measurements are independent, and a rate held for n steps counts n times in
-    ideal(s); past the last measurement, the last rate's error is taken to be the one before's.
-    NaN from fewer than MIN_MEASUREMENTS measurements: a spread from so few says nothing."""
+    Its standard error (`path_average_se`): the delta method over every measurement's g and t
+    (`ideal_variance`), the measurements' errors independent of one another. NaN from fewer than
+    MIN_MEASUREMENTS measurements: a spread from so few says nothing."""
 
     MIN_MEASUREMENTS = 8
 
@@ -225,6 +222,8 @@ class IdealSteps:
         knots = self._knots()
         s, g, t, w, rates, scale = (knots[k] for k in ("s", "g", "t", "w", "rates", "scale"))
         n = int(np.searchsorted(s, step, "right"))  # the measurements whose rates ideal(step) holds
+        if n == 0 or len(s) < 2:
+            return 0.0
         held = np.append(np.diff(s), 0.0)
         held[n - 1] = step - s[n - 1]
         held[n:] = 0.0
@@ -235,14 +234,11 @@ class IdealSteps:
         for derivative, factor in ((d_g, self.batch_size * np.sign(knots["window_g"])),
                                    (d_t, (knots["window_t"] > 0).astype(float))):
             a = np.where(alone, 0.0, per_member * factor)
-            spread = np.zeros(len(s) + 1)
-            np.add.at(spread, lo, a)
-            np.add.at(spread, hi, -a)
+            # each a_i over its window's members lo_i..hi_i-1: a difference array, summed up
+            spread = np.bincount(lo, a, len(s) + 1) - np.bincount(hi, a, len(s) + 1)
             derivative += (np.cumsum(spread)[:-1] - a) * w  # the window leaves its own out
             derivative += np.where(alone, per_member * factor, 0.0)  # alone: its own values
         d_g += scale * held  # g_i in its own rate's numerator
-        if len(s) < 2:
-            return 0.0
         dg, dt = np.diff(g), np.diff(t)
         dg, dt = np.append(dg, dg[-1]), np.append(dt, dt[-1])
         return float(np.sum(d_g ** 2 * dg ** 2 + d_t ** 2 * dt ** 2 + 2 * d_g * d_t * dg * dt) / 2)
