@@ -65,11 +65,13 @@ from torch.func import functional_call, grad, vmap
 
 from analysis.cli import run_command
 from critbatch import records, tradeoff
-from critbatch.config import RunConfig
+from critbatch.config import NoiseScaleConfig, RunConfig, Sampling
 from critbatch.monitor import RunBook
 from critbatch.tasks import Task
 from critbatch.curvature import b_noise_at
-from critbatch.train import MAX_CURVATURE_MICRO_BATCH, Batches, Training, has_batchnorm
+from critbatch.batches import Batches
+from critbatch.micro_grads import has_batchnorm
+from critbatch.train import Training
 
 DEFAULT_DRAWS = 2000
 DEFAULT_HVP_DRAWS = 400    # B_noise by Hessian-vector products at the same point: ~7% at MNIST-1D's goals
@@ -386,10 +388,10 @@ def parameters_at(config: dict, step: int) -> tuple[nn.Module, Task]:
     trained again to that step; and its task, loaded."""
     run = RunConfig.from_dict({**config, "budget": {"max_steps": max(int(step), 1), "max_examples": None,
                                                     "max_seconds": None}})
-    task = run.validate()
+    task = run.build_task()
     training = Training([run], task, [RunBook(run, None)], packed=False)
     training.run()
-    return training.step_fn.model, task
+    return training.train_step.module(0), task
 
 
 def default_batch_sizes(run_batch_size: int, dataset_size: int | None) -> list[int]:
@@ -425,8 +427,9 @@ def _reference(point: FixedPoint, task: Task, goal: dict) -> tuple[float, str]:
 def hvp_b_noise(model: nn.Module, task: Task, guess: float, draws: int, seed: int):
     """B_noise of the model as it is by the two-batch Hessian-vector-product estimator, on `draws`
     batches of HVP_MICRO_BATCHES micro-batches of about `guess` examples (the line search's B_noise)."""
-    micro = int(min(max(round(guess) if np.isfinite(guess) else 64, 1), MAX_CURVATURE_MICRO_BATCH))
-    batches = Batches(task, micro * HVP_MICRO_BATCHES, "with_replacement", seed + 7, next(model.parameters()).device)
+    micro = int(min(max(round(guess) if np.isfinite(guess) else 64, 1), NoiseScaleConfig().max_hessian_micro_batch))
+    batches = Batches(task, micro * HVP_MICRO_BATCHES, Sampling.with_replacement, seed + 7,
+                      next(model.parameters()).device)
     return b_noise_at(model, task.loss, batches, HVP_MICRO_BATCHES, draws)
 
 

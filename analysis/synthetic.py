@@ -60,13 +60,10 @@ def make_record(truth: Truth, batch_size: int, lr: float, seed: int, task: str =
     goals = []
     for k, thr in enumerate(truth.thresholds):
         grad_sq = 1.0 / (1.0 + cross[k] / 100.0)
-        goals.append({"metric": truth.metric, "threshold": thr, "reached": bool(reached[k]), "censored": False,
-                      "step": int(cross[k]) if reached[k] else None,
-                      "examples": int(cross[k]) * batch_size if reached[k] else None,
-                      "wall_time": 1e-3 * cross[k] if reached[k] else None,
-                      "b_simple": float(b_simple[k]) if reached[k] else None,
-                      "grad_sq_norm": grad_sq if reached[k] else None,
-                      "trace_sigma": float(b_simple[k]) * grad_sq if reached[k] else None})
+        measured = dict(step=int(cross[k]), examples=int(cross[k]) * batch_size, wall_time=1e-3 * cross[k],
+                        b_simple=float(b_simple[k]), grad_sq_norm=grad_sq, trace_sigma=float(b_simple[k]) * grad_sq)
+        goals.append(records.GoalRecord(metric=truth.metric, threshold=thr, reached=bool(reached[k]),
+                                        **(measured if reached[k] else {})))
     n = max(2, int(math.log(final) / math.log(curve_ratio)) + 1)
     step = np.unique(np.round(np.geomspace(1, final, n)).astype(int))
     # the error passes through each threshold at its crossing step (log-log interpolation)
@@ -81,10 +78,8 @@ def make_record(truth: Truth, batch_size: int, lr: float, seed: int, task: str =
              "wall_time": (1e-3 * step).tolist(), "train_loss": (2.3 * err).tolist(),
              "train_error": err.tolist(), "b_simple": bs_curve.tolist(),
              "grad_sq_norm": grad_sq_curve.tolist(), "trace_sigma": (bs_curve * grad_sq_curve).tolist()}
-    record = records.new_record(config)
-    record.update(status=status or run_status, goals=goals, curve=curve)
-    record["summary"].update(steps=final, examples=final * batch_size, wall_time=1e-3 * final, reason=reason)
-    return record
+    summary = records.Summary(steps=final, examples=final * batch_size, wall_time=1e-3 * final, reason=reason)
+    return records.make_record(config, status or run_status, goals, summary, curve)
 
 
 def lr_grid(truth: Truth, batch_size: int, factors) -> list[float]:

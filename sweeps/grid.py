@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,11 @@ class SweepError(ConfigError):
 
 @dataclass(frozen=True)
 class Run:
+    """One run of the grid: its settings, parsed and checked once, and their plain form."""
     name: str
     run_id: str
-    config: dict[str, Any]
+    settings: RunConfig
+    config: dict[str, Any]   # settings.to_dict(): what records and sweep.json hold
 
 
 def centred_lr(batch_size: int, eps_star: float, b_star: float, alpha: float) -> float:
@@ -103,8 +106,22 @@ def expand(cfg: dict) -> list[Run]:
                 rid = run_id(plain)
                 if rid not in seen:
                     seen.add(rid)
-                    runs.append(Run(run_name(plain), rid, plain))
+                    runs.append(Run(run_name(plain), rid, config, plain))
+    warn_batch_sizes_above_dataset(runs)
     return runs
+
+
+def warn_batch_sizes_above_dataset(runs: list[Run]) -> None:
+    """A batch larger than the dataset repeats examples within a batch (drawn with replacement):
+    legal, but rarely what was meant; said once per sweep, before anything runs."""
+    if not runs:
+        return
+    size = runs[0].settings.build_task().dataset_size
+    above = sorted({run.settings.batch_size for run in runs if size is not None and run.settings.batch_size > size})
+    if above:
+        warnings.warn(f"sweep.batch_sizes {above} exceed task {runs[0].settings.task['name']!r}'s {size} training "
+                      "examples: each such batch draws examples with replacement, repeating many of them; "
+                      "drop these batch sizes unless that is what you want", stacklevel=2)
 
 
 def goal_range(metric: str) -> tuple[float, float | None] | None:
@@ -177,7 +194,7 @@ def check_data(runs: list[Run]) -> None:
         key = repr(sorted(run.config["task"].items()))
         if key not in checked:
             checked.add(key)
-            RunConfig.from_dict(run.config).validate(check_data=True)
+            run.settings.validate(check_data=True)
 
 
 def group_runs(runs: list[Run], group_by: str) -> list[list[Run]]:

@@ -14,29 +14,50 @@ the job was stopped), so that sweeps.status says failed and a relaunch takes the
 """
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import traceback
 from pathlib import Path
+from typing import TypedDict
 
 import submitit
 
 from critbatch import records
-from critbatch.config import ConfigError, RunConfig
+from critbatch.config import RunConfig, check_auto_or_bool
 from critbatch.packed import pack_key, packable
 from critbatch.train import Interrupt, Interrupted, train_pack
 from sweeps.lease import Lease, read_lease
 
-RUNNING_ELSEWHERE = "running elsewhere"
-LOST = "taken over by another job"  # this job stalled past the lease's staleness; the taker trains it
+
+class Outcome(str, enum.Enum):
+    """What a job did with a run, beyond the statuses of records.Status it trained it to."""
+    skipped = "skipped (complete)"            # its record was complete already
+    elsewhere = "running elsewhere"           # another live launch or job owns it
+    lost = "taken over by another job"        # this job stalled past the lease's staleness; the taker trains it
+    job_failed = "job failed"                 # the job died; its runs are failed or partial on disk
+
+
+RUNNING_ELSEWHERE, LOST = Outcome.elsewhere, Outcome.lost
+
+
+class RunSummary(TypedDict, total=False):
+    """One run's line in a job's (and the launch's) summary."""
+    run: str                     # the run's name
+    status: str                  # a records.Status or an Outcome
+    skipped: bool
+    error: str
+    traceback: str
+    owner: str | None            # a run running elsewhere: who owns it
+    path: str | None             # plain or packed
 
 
 class JobKilled(Exception):
-    """The job was sent SIGTERM (cancelled, preempted or out of time); the run it trained was
-    checkpointed, and a relaunch resumes it."""
+    """The job was sent SIGTERM (cancelled, preempted or out of time) or SIGINT (Ctrl-C); the run
+    it trained was checkpointed, and a relaunch resumes it."""
 
 
-def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], bool]]:
+def packs(configs: list[RunConfig], packing: dict | None) -> list[tuple[list[RunConfig], bool]]:
     """(runs, packed) pairs: runs that may train as one packed model (they differ only in lr, B is
     small enough for packing to pay, and the model has no BatchNorm: decided here, before any data
     is loaded), at most packing.max_members each, with packed=True; every other run alone, with
@@ -45,16 +66,14 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
 
     packing = packing or {}
     enabled = packing.get("enabled", False)
-    if enabled not in (True, False, "auto"):
-        raise ConfigError(f"packing.enabled={enabled!r}; choose true, false or auto")
+    check_auto_or_bool("packing.enabled", enabled)
     # auto: packing pays where kernel launches dominate, on a GPU; on a CPU the plain loop is as fast.
     on_gpu = torch.cuda.is_available()
-    by_key: dict[tuple, list[dict]] = {}  # (packed?, what the pack shares) -> runs
+    by_key: dict[tuple, list[RunConfig]] = {}  # (packed?, what the pack shares) -> runs
     for config in configs:
-        wanted = enabled is True or (enabled == "auto" and on_gpu and config["device"] != "cpu")
-        small = config["batch_size"] <= packing.get("max_batch_size", 256)
-        key = (True, pack_key(RunConfig.from_dict(config))) if wanted and small and packable(config) \
-            else (False, len(by_key))
+        wanted = enabled is True or (enabled == "auto" and on_gpu and config.device != "cpu")
+        small = config.batch_size <= packing.get("max_batch_size", 256)
+        key = (True, pack_key(config)) if wanted and small and packable(config) else (False, len(by_key))
         by_key.setdefault(key, []).append(config)
     size = max(1, int(packing.get("max_members", 32)))
     chunks = [(group[i:i + size], packed) for (packed, _), group in by_key.items() for i in range(0, len(group), size)]
@@ -63,31 +82,30 @@ def packs(configs: list[dict], packing: dict | None) -> list[tuple[list[dict], b
     return [(chunk, packed and len(chunk) > 1) for chunk, packed in chunks]
 
 
-def _train_pack(sweep_dir: str, pack: list[dict], packed: bool, guard=None, interrupt=None) -> list[dict]:
-    return train_pack(pack, [records.run_dir(sweep_dir, c) for c in pack], packed=packed, guard=guard,
-                      interrupt=interrupt)
+def _run_dir(sweep_dir: str, config: RunConfig) -> Path:
+    return records.run_dir(sweep_dir, config.to_dict())
 
 
-def _failed(name: str, error: str, tb: str | None = None) -> dict:
-    summary = {"run": name, "status": records.FAILED, "skipped": False, "error": error}
+def _failed(name: str, error: str, tb: str | None = None) -> RunSummary:
+    summary = RunSummary(run=name, status=records.Status.failed.value, skipped=False, error=error)
     if tb:
         summary["traceback"] = tb
     return summary
 
 
-def _finished_on_disk(run_dir) -> bool:
+def _status_on_disk(run_dir) -> records.Status | None:
     try:
-        return records.read_record(run_dir / records.RECORD_FILE)["status"] in records.FINISHED_STATUSES
+        return records.Status(records.read_record(run_dir / records.RECORD_FILE)["status"])
     except records.RecordError:
-        return False
+        return None
 
 
-def _claim(sweep_dir: str, pack: list[dict], owned: list[dict], held: list[Lease]) -> list[dict]:
+def _claim(sweep_dir: str, pack: list[RunConfig], owned: list[RunConfig], held: list[Lease]) -> list[RunSummary]:
     """Claim the runs of `pack`: those this job now owns go to `owned` (their leases to `held`);
     returns summaries of the others."""
     others = []
     for config in pack:
-        run_dir = records.run_dir(sweep_dir, config)
+        run_dir = _run_dir(sweep_dir, config)
         try:
             lease = Lease.acquire(run_dir)
         except OSError as exc:  # e.g. the disk is full: the run cannot even be claimed
@@ -95,19 +113,20 @@ def _claim(sweep_dir: str, pack: list[dict], owned: list[dict], held: list[Lease
             continue
         if lease is None:
             info = read_lease(run_dir)
-            others.append({"run": run_dir.name, "status": RUNNING_ELSEWHERE, "skipped": True,
-                           "owner": info.owner if info else None})
+            others.append(RunSummary(run=run_dir.name, status=Outcome.elsewhere.value, skipped=True,
+                                     owner=info.owner if info else None))
         elif records.is_complete(run_dir / records.RECORD_FILE):  # finished by its last owner meanwhile
             lease.log("skip-complete")
             lease.release()
-            others.append({"run": run_dir.name, "status": "skipped (complete)", "skipped": True})
+            others.append(RunSummary(run=run_dir.name, status=Outcome.skipped.value, skipped=True))
         else:
             held.append(lease)
             owned.append(config)
     return others
 
 
-def _run_pack(sweep_dir: str, pack: list[dict], packed: bool, interrupt: Interrupt | None = None) -> list[dict]:
+def _run_pack(sweep_dir: str, pack: list[RunConfig], packed: bool,
+              interrupt: Interrupt | None = None) -> list[RunSummary]:
     owned, held, summaries = [], [], []
     error = "the job ended before the run's record was final"
     try:
@@ -116,32 +135,32 @@ def _run_pack(sweep_dir: str, pack: list[dict], packed: bool, interrupt: Interru
             return summaries
         for lease in held:
             lease.log("train")
-        for record in _train_pack(sweep_dir, owned, packed and len(owned) > 1,
-                                  guard=lambda: all(lease.holds() for lease in held), interrupt=interrupt):
-            summaries.append({"run": record["run_name"], "status": record["status"], "skipped": False,
-                              "path": record["summary"].get("path")})
+        for record in train_pack(owned, [_run_dir(sweep_dir, c) for c in owned], packed=packed and len(owned) > 1,
+                                 guard=lambda: all(lease.holds() for lease in held), interrupt=interrupt):
+            summaries.append(RunSummary(run=record["run_name"], status=record["status"], skipped=False,
+                                        path=record["summary"].get("path")))
     except (JobKilled, Interrupted) as exc:
         error = str(exc)
         raise
     except records.NotOwner as exc:  # another job took a run over: it is its record now
-        summaries += [{"run": records.run_dir(sweep_dir, c).name, "status": LOST, "skipped": False,
-                       "error": str(exc)} for c in owned]
+        summaries += [RunSummary(run=_run_dir(sweep_dir, c).name, status=Outcome.lost.value, skipped=False,
+                                 error=str(exc)) for c in owned]
         error = f"NotOwner: {exc}"
     except Exception as exc:  # recorded as failed by train() where the disk allowed; keep going
         error = f"{type(exc).__name__}: {exc}"
-        summaries += [_failed(records.run_dir(sweep_dir, c).name, error, traceback.format_exc(limit=5))
-                      for c in owned]
+        summaries += [_failed(_run_dir(sweep_dir, c).name, error, traceback.format_exc(limit=5)) for c in owned]
     finally:
         for config, lease in zip(owned, held):
-            if _finished_on_disk(records.run_dir(sweep_dir, config)):
-                lease.release()
+            status = _status_on_disk(_run_dir(sweep_dir, config))
+            if status is not None and (status.finished or status is records.Status.interrupted):
+                lease.release()  # an interrupted run has no owner until a relaunch resumes it
             else:
                 lease.mark_failed(error)
     return summaries
 
 
-def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
-              packing: dict | None = None) -> list[dict]:
+def run_group(sweep_dir: str, configs: list[RunConfig], threads: int | None = None,
+              packing: dict | None = None) -> list[RunSummary]:
     """Train each config under sweep_dir/runs/<run_name>/ unless its record is complete or
     another live launch or job owns it.
 
@@ -160,14 +179,14 @@ def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
     # training state is saved (handling it mid-step would save a half-updated state)
     requeue = signal.getsignal(signal.SIGUSR2)
     summaries, todo = [], []
-    for config in configs:
-        config = RunConfig.from_dict(config).to_dict()  # complete, so its directory names the run
-        name = records.run_dir(sweep_dir, config).name
-        if records.is_complete(records.run_dir(sweep_dir, config) / records.RECORD_FILE):
-            summaries.append({"run": name, "status": "skipped (complete)", "skipped": True})
+    for config in map(RunConfig.from_dict, configs):  # (a RunConfig is taken as it is)
+        run_dir = _run_dir(sweep_dir, config)
+        if records.is_complete(run_dir / records.RECORD_FILE):
+            summaries.append(RunSummary(run=run_dir.name, status=Outcome.skipped.value, skipped=True))
         else:
             todo.append(config)
-    with interrupt.handling((signal.SIGTERM, signal.SIGUSR2)):
+    # SIGINT too: Ctrl-C stops a local launch's runs at a step boundary, checkpointed
+    with interrupt.handling((signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)):
         try:
             for pack, packed in packs(todo, packing):
                 summaries += _run_pack(sweep_dir, pack, packed, interrupt)
@@ -179,7 +198,8 @@ def run_group(sweep_dir: str, configs: list[dict], threads: int | None = None,
             return summaries
     if interrupt.requested == "SIGUSR2" and callable(requeue):
         requeue(signal.SIGUSR2, None)  # checkpoint (GroupJob.checkpoint) and requeue; exits
-    raise JobKilled(f"job received {interrupt.requested} (cancelled, preempted or out of time): {stopped}")
+    why = "interrupted" if interrupt.requested == "SIGINT" else "cancelled, preempted or out of time"
+    raise JobKilled(f"job received {interrupt.requested} ({why}): {stopped}")
 
 
 def job_threads() -> int | None:
@@ -193,8 +213,8 @@ class GroupJob(submitit.helpers.Checkpointable):
     before the time limit (or on preemption) submitit requeues the same job, which skips the runs
     already complete and resumes the interrupted one from its checkpoint."""
 
-    def __call__(self, sweep_dir: str, configs: list[dict], threads: int | None = None,
-                 packing: dict | None = None) -> list[dict]:
+    def __call__(self, sweep_dir: str, configs: list[RunConfig], threads: int | None = None,
+                 packing: dict | None = None) -> list[RunSummary]:
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         return run_group(sweep_dir, configs, threads=threads or job_threads(), packing=packing)
 

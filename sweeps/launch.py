@@ -259,14 +259,14 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
     if workers == 1:
         for group in groups:
             progress.show(note=f"B={group[0].config['batch_size']}")
-            summaries += run_group(str(sweep_dir), [run.config for run in group], threads=launcher.get("threads"),
+            summaries += run_group(str(sweep_dir), [run.settings for run in group], threads=launcher.get("threads"),
                                    packing=packing)
             progress.show(progress.done + len(group))
         return summaries
     threads = launcher.get("threads") or 1
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(run_group, str(sweep_dir), [run.config for run in group], threads, packing): group
+        futures = {pool.submit(run_group, str(sweep_dir), [run.settings for run in group], threads, packing): group
                    for group in groups}
 
         def forward(signum, frame):  # the workers stop at a step boundary with their state saved
@@ -296,7 +296,7 @@ class CannotRun(Exception):
 
 def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[dict]:
     executor = make_executor(sweep_dir, launcher)
-    configs = [[run.config for run in group] for group in groups]
+    configs = [[run.settings for run in group] for group in groups]
     try:
         jobs = executor.map_array(run_group_job, [str(sweep_dir)] * len(configs), configs,
                                   [launcher.get("threads")] * len(configs), [packing] * len(configs))

@@ -14,11 +14,12 @@ Nothing here imports Hydra until it is needed (`register`, `compose`, `to_plain`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from critbatch.config import ConfigError, RunConfig, settings_from_dict
+from critbatch.config import ConfigError, RunConfig, settings_from_dict, to_plain_values
 from critbatch.typecheck import field_hints
 
 SCHEMA_NAME = "critbatch_schema"
@@ -97,17 +98,35 @@ class PathsConfig:
 
 def _copy(f: dataclasses.Field) -> dataclasses.Field:
     if f.default_factory is not dataclasses.MISSING:
-        return field(default_factory=f.default_factory)
-    return field(default=f.default)
+        factory = f.default_factory
+        if dataclasses.is_dataclass(factory):  # a settings section: its editable twin
+            factory = _editable(factory)
+        return field(default_factory=factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+@functools.lru_cache(maxsize=None)
+def _editable(cls: type) -> type:
+    """A non-frozen twin of a frozen settings dataclass (sections included): OmegaConf makes a
+    frozen dataclass read-only, and Hydra must apply overrides to the schema."""
+    if not cls.__dataclass_params__.frozen:
+        return cls
+    hints = field_hints(cls)
+    fields = [(f.name, _editable(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name], _copy(f))
+              for f in dataclasses.fields(cls)]
+    twin = dataclasses.make_dataclass(cls.__name__, fields)
+    twin.__module__ = __name__
+    return twin
 
 
 def _launch_config() -> type:
     """LaunchConfig: name and paths, every RunConfig field but batch_size, then the grid,
     launcher and packing."""
-    run_hints = field_hints(RunConfig)
+    run_hints = field_hints(_editable(RunConfig))
     fields = [("name", str, field(default="${task.name}_${optimizer.name}")),
               ("paths", PathsConfig, field(default_factory=PathsConfig))]
-    fields += [(f.name, run_hints[f.name], _copy(f)) for f in dataclasses.fields(RunConfig) if f.name != "batch_size"]
+    fields += [(f.name, run_hints[f.name], _copy(f)) for f in dataclasses.fields(_editable(RunConfig))
+               if f.name != "batch_size"]
     fields += [("sweep", SweepConfig, field(default_factory=SweepConfig)),
                ("launcher", LauncherConfig, field(default_factory=LauncherConfig)),
                ("packing", PackingConfig, field(default_factory=PackingConfig))]
@@ -124,15 +143,7 @@ def check(cfg: dict) -> dict:
     type (the task's options are its own: grid.expand checks them), with the defaults filled
     in. Raises ConfigError naming the key."""
     settings = settings_from_dict(LaunchConfig, cfg)
-    return _plain(dataclasses.asdict(settings))
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return to_plain_values(dataclasses.asdict(settings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +179,7 @@ def to_plain(cfg) -> dict:
     from omegaconf.errors import MissingMandatoryValue
 
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     except MissingMandatoryValue as exc:
         key = getattr(exc, "full_key", None) or "a setting"
         message = f"{key} is not set"

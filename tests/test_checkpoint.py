@@ -83,7 +83,7 @@ def test_resumed_runs_equal_their_uninterrupted_twins(case, shares, tmp_path):
         todo_configs, todo_dirs = unfinished()
         assert (todo_dirs[0] / CHECKPOINT_FILE).exists()
         partial = records.read_record(todo_dirs[0] / records.RECORD_FILE)
-        assert partial["status"] == records.RUNNING and partial["summary"]["steps"] <= sum(stops)
+        assert partial["status"] == records.INTERRUPTED and partial["summary"]["steps"] <= sum(stops)
     todo_configs, todo_dirs = unfinished()
     train_pack(todo_configs, todo_dirs)
     assert not any((d / CHECKPOINT_FILE).exists() for d in dirs)  # over: nothing left to resume

@@ -1,6 +1,7 @@
 """Bad settings raise ConfigError naming the field, before any training starts."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -90,8 +91,16 @@ def test_batch_size_above_dataset_is_fine_with_replacement():
     RunConfig.from_dict(config(batch_size=4096, sampling="with_replacement"))
 
 
-def test_validate_catches_edits_made_after_parsing():
+def test_a_parsed_config_cannot_be_edited_and_is_not_parsed_again():
     parsed = RunConfig.from_dict(config())
-    parsed.optimizer.lr = -1.0
-    with pytest.raises(ConfigError, match="optimizer.lr"):
-        parsed.validate()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed.optimizer.lr = -1.0
+    assert RunConfig.from_dict(parsed) is parsed
+
+
+def test_task_defaults_come_from_the_task_constructor():
+    """Options left out take the constructor's defaults, and are part of the run's identity."""
+    parsed = RunConfig.from_dict(config(task={"name": "digits", "hidden": 16}))
+    assert parsed.task == {"name": "digits", "hidden": 16, "depth": 1, "dropout": 0.0}
+    spelled_out = RunConfig.from_dict(config(task={"name": "digits", "hidden": 16, "depth": 1}))
+    assert records.run_id(parsed.to_dict()) == records.run_id(spelled_out.to_dict())

@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from critbatch.config import DEFAULT_HESSIAN_EVERY, ConfigError, RunConfig, hessian_interval
+from critbatch.config import ConfigError, RunConfig, curvature_unsupported
 from critbatch.curvature import curvature_batch_sizes, curvature_forms, curvature_forms_autograd
 from critbatch.gns import unbiased_sq_norm_and_trace
 from critbatch.monitor import IdealSteps, RunBook
-from critbatch.packed import PackedStep
 from critbatch.tasks import build_task
-from critbatch.train import Batches, PlainStep, Training, train
+from critbatch.batches import Batches
+from critbatch.steps import PackedStep, PlainStep
+from critbatch.train import Training, train
 from tests.helpers import exact_ideal_steps
 from tests.reference.exact_noise import exact_noise_scales as exact_scales
 
@@ -41,7 +42,7 @@ def linreg_at_a_fixed_point():
     task.load("cpu")
     config = RunConfig.from_dict({"task": {"name": "linreg", "dim": 32, "target_scale": 3.0}, "batch_size": 64,
                                   "device": "cpu", "goals": {"metric": "exact_loss", "thresholds": [0.5]}})
-    step = PlainStep(config, task, "cpu", 4, False)
+    step = PlainStep(config, task, "cpu", 4)
     with torch.no_grad():
         step.model.weight.copy_(0.5 * task.w_star.float().reshape(1, -1))
     return task, step
@@ -53,7 +54,7 @@ def test_curvature_estimates_are_unbiased_at_fixed_parameters(linreg_at_a_fixed_
     batches, size = Batches(task, 1024, "with_replacement", 3, "cpu"), 1024
     g_h_g, trace = [], []
     for _ in range(1500):
-        small, big = step.curvature(*batches.next(), 4)
+        small, big = step.curvature(*batches.next())
         a, b = unbiased_sq_norm_and_trace(float(small), float(big), *curvature_batch_sizes(size, 4))
         g_h_g.append(a)
         trace.append(b)
@@ -85,12 +86,12 @@ def test_packed_members_measure_what_their_plain_twins_measure():
     configs = [RunConfig.from_dict({"task": {"name": "digits", "hidden": 16}, "batch_size": 32, "device": "cpu",
                                     "optimizer": {"name": "sgd", "lr": lr}}) for lr in (0.1, 0.2)]
     torch.manual_seed(0)
-    packed = PackedStep(configs, task, "cpu", 4, False)
+    packed = PackedStep(configs, task, "cpu", 4)
     torch.manual_seed(0)
-    plain = PlainStep(configs[0], task, "cpu", 4, False)
+    plain = PlainStep(configs[0], task, "cpu", 4)
     x, y = Batches(task, 32, "with_replacement", 0, "cpu").next()
-    small, big = packed.curvature(x, y, 4)
-    small_1, big_1 = plain.curvature(x, y, 4)
+    small, big = packed.curvature(x, y)
+    small_1, big_1 = plain.curvature(x, y)
     assert torch.allclose(small, small_1.expand(2), rtol=1e-4) and torch.allclose(big, big_1.expand(2), rtol=1e-4)
 
 
@@ -111,7 +112,7 @@ def test_b_noise_probed_at_goals_is_the_exact_b_noise_there():
         task = run.validate()
         training = Training([run], task, [RunBook(run, None)], packed=False)
         training.run()
-        exact = linreg_closed_forms(task, training.step_fn.model.weight)["b_noise"]
+        exact = linreg_closed_forms(task, training.train_step.module(0).weight)["b_noise"]
         assert abs(goal["b_noise"] / exact - 1) < 0.15, (goal["threshold"], goal["b_noise"], exact, goal["b_noise_se"])
         checked += 1
     assert checked >= 2
@@ -130,23 +131,29 @@ def test_own_batch_settings_that_cannot_give_b_noise_are_refused(noise_scale, wo
         RunConfig.from_dict({"task": {"name": "digits"}, "batch_size": 32, "device": "cpu", "noise_scale": noise_scale})
 
 
+@pytest.mark.parametrize("changes", [{"noise_scale": {"hessian_every": -1}},
+                                     {"noise_scale": {"hessian_probe_batches": 1.5}}])
+def test_bad_b_noise_settings_are_refused_before_training(changes):
+    with pytest.raises(ConfigError, match=next(iter(changes["noise_scale"]))):
+        RunConfig.from_dict({"task": {"name": "digits"}, "batch_size": 32, "device": "cpu", **changes})
+
+
 @pytest.mark.parametrize("changes, words", [
-    ({"noise_scale": {"micro_batches": 2, "hessian_every": 10}}, "at least 3"),
-    ({"batch_size": 2, "noise_scale": {"micro_batches": 2, "hessian_every": 5}}, "at least 3"),
-    ({"task": {"name": "cifar10", "depth": 20}, "noise_scale": {"hessian_every": 10}}, "BatchNorm"),
-    ({"noise_scale": {"hessian_every": -1}}, "hessian_every"),
-    ({"noise_scale": {"hessian_probe_batches": 1.5}}, "hessian_probe_batches"),
+    ({"noise_scale": {"micro_batches": 2}}, "at least 3"),
+    ({"batch_size": 2, "noise_scale": {"micro_batches": 2}}, "at least 3"),
+    ({"task": {"name": "cifar10", "depth": 20}}, "BatchNorm"),
 ])
-def test_settings_that_cannot_give_b_noise_are_refused_before_training(changes, words):
-    config = {"task": {"name": "digits"}, "batch_size": 32, "device": "cpu", **changes}
-    with pytest.raises(ConfigError, match=words):
-        RunConfig.from_dict(config)
-    if "hessian_probe" not in str(changes):
-        # left at its default (null), the same run is accepted and simply measures no B_noise
-        default = {**config, "noise_scale": {k: v for k, v in changes.get("noise_scale", {}).items()
-                                             if k != "hessian_every"}}
-        run = RunConfig.from_dict(default)
-        assert hessian_interval(run, build_task(**run.task)) == (DEFAULT_HESSIAN_EVERY if "-1" in str(changes) else 0)
+def test_runs_that_cannot_give_b_noise_are_told_apart(changes, words):
+    config = RunConfig.from_dict({"task": {"name": "digits"}, "batch_size": 32, "device": "cpu", **changes})
+    assert words in curvature_unsupported(config, config.build_task())
+
+
+def test_a_run_that_cannot_give_b_noise_skips_it_and_says_why():
+    record = train({"task": {"name": "digits", "hidden": 16}, "batch_size": 32, "device": "cpu",
+                    "noise_scale": {"micro_batches": 2}, "budget": {"max_steps": 60}})
+    assert "at least 3" in record["summary"]["b_noise_skipped"]
+    assert all(math.isnan(v) for v in record["curve"]["b_noise"]) and record["summary"]["b_noise_init"] is None
+    assert not all(math.isnan(v) for v in record["curve"]["b_simple"])  # B_simple is still measured
 
 
 @pytest.mark.parametrize("batch_size, lr, draws", [(8, 0.1, 20), (128, 0.3, 40)])
@@ -195,7 +202,7 @@ def test_digits_b_noise_probed_at_goals_is_the_exact_one():
         task = run.validate()
         training = Training([run], task, [RunBook(run, None)], packed=False)
         training.run()
-        exact = exact_scales(training.step_fn.model, task.loss, task.inputs, task.targets)["b_noise"]
+        exact = exact_scales(training.train_step.module(0), task.loss, task.inputs, task.targets)["b_noise"]
         print(f"digits goal {goal['threshold']}: probe {goal['b_noise']:.1f} +- {goal['b_noise_se']:.1f} "
               f"({goal['curvature_updates']} batches), exact {exact:.1f}")
         assert goal["b_noise"] == pytest.approx(exact, rel=0.15)

@@ -18,7 +18,8 @@ from torch.func import functional_call, grad, vmap
 from critbatch.gns import NoiseScale, micro_batch_sq_norms, unbiased_sq_norm_and_trace
 from critbatch.micro_grads import MicroBatchNorms
 from critbatch.tasks import build_task
-from critbatch.train import Batches, compute_gradients
+from critbatch.batches import Batches
+from critbatch.steps import compute_gradients
 
 Z = 4.0  # tolerance in standard errors
 
@@ -33,8 +34,8 @@ def draw_sq_norms(model, task, n_draws, micro_batches, batches, how="one pass"):
     for i in range(n_draws):
         x, y = batches.next()
         model.zero_grad(set_to_none=True)
-        result = compute_gradients(model, task, x, y, micro_batches, norms)
-        small[i], big[i] = float(result.small_sq_norm), float(result.big_sq_norm)
+        _, (small_sq, big_sq) = compute_gradients(model, task, x, y, micro_batches, norms)
+        small[i], big[i] = float(small_sq), float(big_sq)
     return small, big
 
 

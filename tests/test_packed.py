@@ -1,6 +1,8 @@
 """The packed fast path gives each member the result of its plain twin, and drops finished members."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -8,8 +10,9 @@ import torch
 from torch import nn
 
 from critbatch import records
+from critbatch.config import RunConfig
 from critbatch.packed import PackedOptimizer
-from critbatch.train import has_batchnorm
+from critbatch.micro_grads import has_batchnorm
 from critbatch.train import train, train_pack
 from sweeps.jobs import packs, run_group
 
@@ -83,14 +86,14 @@ def test_batchnorm_models_are_not_packable():
 
 
 def test_packs_follow_the_config():
-    small, large = digits_configs("sgd", batch_size=32), digits_configs("sgd", batch_size=1024)
+    small, large = ([RunConfig.from_dict(c) for c in digits_configs("sgd", batch_size=b)] for b in (32, 1024))
     packing = {"enabled": True, "max_batch_size": 256, "max_members": 2}
     groups = packs(small + large, packing)
     # a pack of one trains plain
     assert sorted((len(g), packed) for g, packed in groups) == [(1, False)] * 4 + [(2, True)]
-    assert all(not packed for g, packed in groups if g[0]["batch_size"] == 1024)  # large B: alone
+    assert all(not packed for g, packed in groups if g[0].batch_size == 1024)  # large B: alone
     assert packs(small, {"enabled": False}) == [([c], False) for c in small]
-    mixed = small[:1] + [{**small[1], "seed": 7}]  # another seed: another batch stream, not packable
+    mixed = small[:1] + [dataclasses.replace(small[1], seed=7)]  # another seed: another batch stream, not packable
     assert [len(g) for g, _ in packs(mixed, packing)] == [1, 1]
 
 

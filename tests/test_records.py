@@ -136,10 +136,8 @@ def test_run_id_stable_across_processes():
     import sys
 
     config = plain_config()
-    code = ("import json, sys, importlib.util; spec = importlib.util.spec_from_file_location('r', sys.argv[1]);"
-            "r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r);"
-            "print(r.run_id(json.loads(sys.argv[2])))")
-    out = subprocess.run([sys.executable, "-c", code, records.__file__, json.dumps(config)],
+    code = "import json, sys; from critbatch import records; print(records.run_id(json.loads(sys.argv[1])))"
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(config)],
                          capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})
     assert out.stdout.strip() == records.run_id(config)
 

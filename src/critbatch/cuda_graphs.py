@@ -13,12 +13,11 @@ cuBLAS workspaces — must happen before capture), the next one is captured and 
 Each call is exactly one step: capturing records kernels without running them, and the replay
 that follows runs them. Off the GPU, or disabled, the same function runs eagerly. Tests without
 a GPU stand in for the capture by recording the step's operations once and replaying them
-(tests/graph_replay.py), which catches a step that breaks the rules above. TrainSteps pairs a
-loop's plain and measuring steps; critbatch.train and critbatch.packed fill it in.
+(tests/graph_replay.py), which catches a step that breaks the rules above. critbatch.steps.Graphed
+wraps a training step's plain and measuring calls in one GraphedStep each.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Callable
 
@@ -82,31 +81,6 @@ class GraphedStep:
         with torch.cuda.graph(graph):
             outputs = self.fn(*self.inputs)
         return graph.replay, outputs
-
-
-class TrainSteps:
-    """A loop's training step as two GraphedSteps: the plain one and the measuring one (k micro-batches
-    for the noise scale), captured separately. Subclasses define `_step(x, y, micro_batches)`."""
-
-    def __init__(self, micro_batches: int, graphs: bool):
-        self.k, self.graphs = micro_batches, graphs
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget captured graphs (call when the tensors they read or write were replaced)."""
-        self._steps = {m: GraphedStep(functools.partial(self._step, micro_batches=m), self.graphs)
-                       for m in {1, self.k}}
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int):
-        raise NotImplementedError
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, measure: bool):
-        return self._steps[self.k if measure else 1](x, y)
-
-    @property
-    def failure(self) -> str | None:
-        """Why a CUDA graph could not be captured (that step then runs eagerly), if one could not."""
-        return next((s.failure for s in self._steps.values() if s.failure), None)
 
 
 # auto graphs a step only up to this batch size: beyond it a step is bound by its arithmetic, not by

@@ -78,6 +78,11 @@ def _linear_sq_norm_without_shares(module: nn.Linear, a: torch.Tensor, d: torch.
     return torch.dot(gram_a.reshape(-1), torch.bmm(d, d.transpose(1, 2)).reshape(-1))
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """BatchNorm couples the examples of a batch (and updates statistics in place)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _rule(module: nn.Module):
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode != "zeros":
         return None

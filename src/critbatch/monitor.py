@@ -7,6 +7,7 @@ is one run's host-side book: it is consulted at the logged steps only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -274,9 +275,9 @@ def advance_path(ideal: IdealSteps, window: NoiseScale, measurement: tuple, step
 
 
 class RunBook:
-    """One run's bookkeeping: the record (created by records.new_record), its curve, its goals and
-    its noise-scale estimate; written atomically now and then and whenever the run ends. Whether
-    the run should stop is decided elsewhere (stop_reason)."""
+    """One run's bookkeeping: its status, goals (records.GoalRecord), summary (records.Summary),
+    curve and noise-scale estimates; its record is written atomically now and then and whenever
+    the run ends. Whether the run should stop is decided elsewhere (stop_reason)."""
 
     def __init__(self, config: RunConfig, out_dir: str | Path | None, guard=None):
         self.config, self.guard = config, guard  # guard(): False when this writer no longer owns the run
@@ -287,22 +288,26 @@ class RunBook:
         # B_noise: the same estimator fed with curvature forms (critbatch.curvature), its own path average
         self.curvature = NoiseScale(relative_window=ns.relative_window, min_window=ns.min_examples / B)
         self.ideal_noise = IdealSteps(B, ns.relative_window, ns.min_examples / B)
-        self.record = records.new_record(config.to_dict())
-        self.record["summary"].update(host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__,
-                                      python=platform.python_version())
-        self.curve: dict[str, list] = self.record["curve"]
+        self.config_dict = config.to_dict()
+        self.run_id, self.run_name = records.run_id(self.config_dict), records.run_name(self.config_dict)
+        self.status = records.Status.running
+        self.goals = [records.GoalRecord(metric=config.goals.metric, threshold=t) for t in config.goals.thresholds]
+        self.summary = records.Summary(host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__,
+                                       python=platform.python_version())
+        self.curve: dict[str, list] = {}
         self.max_steps = max_steps(config)
         self.initial_loss = math.nan
         self._last_save = time.perf_counter()
         self.save()
 
     @property
-    def status(self) -> str:
-        return self.record["status"]
+    def record(self) -> dict:
+        """The record as it is written (docs/records.md)."""
+        return records.make_record(self.config_dict, self.status, self.goals, self.summary, self.curve)
 
     @property
     def finished(self) -> bool:
-        return self.status != records.RUNNING
+        return self.status.finished
 
     def save(self) -> None:
         if self.guard is not None and not self.guard():
@@ -311,11 +316,15 @@ class RunBook:
             records.write_record(self.path, self.record)
         self._last_save = time.perf_counter()
 
+    def note(self, **facts) -> None:
+        """Facts for the summary (an unknown name is a TypeError: records.Summary lists them)."""
+        self.summary = dataclasses.replace(self.summary, **facts)
+
     def started(self, initial_loss: float, initial_noise: dict | None = None, **facts) -> None:
-        """Set-up done: the reference loss for divergence, B_simple at initialisation, and facts
-        for the summary (device, path, ...)."""
+        """Set-up done: the reference loss for divergence, the noise scales at initialisation, and
+        facts for the summary (device, path, ...)."""
         self.initial_loss = initial_loss
-        self.record["summary"].update(initial_loss=initial_loss, **(initial_noise or {}), **facts)
+        self.note(initial_loss=initial_loss, **(initial_noise or {}), **facts)
 
     def add_noise(self, small_sq_norm: float, big_sq_norm: float, small_batch: int, big_batch: int,
                   step: int, gap: int) -> None:
@@ -329,51 +338,50 @@ class RunBook:
         advance_path(self.ideal_noise, self.curvature, (small_form, big_form, small_batch, big_batch), step, gap)
 
     def _noise_state(self) -> dict:
-        """The window's noise estimates now (numbers only: curves hold numbers)."""
-        state = {k: v for k, v in self.noise.state().items() if k != "b_simple_resolved"}
-        state.update({k: v for k, v in curvature_state(self.curvature).items() if k != "b_noise_resolved"})
-        return state
+        """The window's noise estimates now."""
+        return {**self.noise.state(), **curvature_state(self.curvature)}
 
-    def log(self, step: int, now: float, point: dict[str, float], crossed_at: list[float]) -> None:
+    def _path_state(self, step: float) -> dict:
+        return {"b_simple_path": self.ideal.path_average(step), "b_simple_path_se": self.ideal.path_average_se(step),
+                "b_noise_path": self.ideal_noise.path_average(step),
+                "b_noise_path_se": self.ideal_noise.path_average_se(step), "ideal_steps": self.ideal.at(step)}
+
+    def log(self, step: int, now: float, metrics: dict[str, float], crossed_at: list[float]) -> None:
         """A curve point at `step` and the goals newly reached (crossed_at: per goal, a centre
         step, NOT_YET or CENSORED). A goal gets the window's noise estimate now; goal_noise
         replaces it with a probe at the crossing parameters."""
         B = self.config.batch_size
-        point = {"step": step, "examples": step * B, "wall_time": now, **point, **self._noise_state(),
-                 "ideal_steps": self.ideal.at(step), "b_simple_path": self.ideal.path_average(step),
-                 "b_simple_path_se": self.ideal.path_average_se(step),
-                 "b_noise_path": self.ideal_noise.path_average(step),
-                 "b_noise_path_se": self.ideal_noise.path_average_se(step)}
-        for goal, crossed in zip(self.record["goals"], crossed_at):
-            if goal["reached"] or crossed == NOT_YET:
+        for index, (goal, crossed) in enumerate(zip(self.goals, crossed_at)):
+            if goal.reached or crossed == NOT_YET:
                 continue
             if crossed == CENSORED:
-                goal.update(reached=True, censored=True, step_at_most=step)
+                self.goals[index] = dataclasses.replace(goal, reached=True, censored=True, step_at_most=step)
                 continue
-            wall = float(np.interp(crossed, self.curve["step"] + [step], self.curve["wall_time"] + [now]))
-            goal.update(reached=True, censored=False, step=crossed, examples=crossed * B, wall_time=wall,
-                        **self._noise_state(), noise_source="window", noise_center_step=self.noise.center_step,
-                        b_simple_path=self.ideal.path_average(crossed),
-                        b_simple_path_se=self.ideal.path_average_se(crossed), ideal_steps=self.ideal.at(crossed),
-                        b_noise_path=self.ideal_noise.path_average(crossed),
-                        b_noise_path_se=self.ideal_noise.path_average_se(crossed))
-        for key, value in point.items():
+            wall = float(np.interp(crossed, self.curve.get("step", []) + [step],
+                                   self.curve.get("wall_time", []) + [now]))
+            self.goals[index] = dataclasses.replace(
+                goal, reached=True, censored=False, step=crossed, examples=crossed * B, wall_time=wall,
+                **self._noise_state(), noise_source="window", noise_center_step=self.noise.center_step,
+                **self._path_state(crossed))
+        point = records.CurvePoint(step=step, examples=step * B, wall_time=now, **self._noise_state(),
+                                   **self._path_state(step))
+        columns = {name: value for name, value in dataclasses.asdict(point).items() if not name.endswith("_resolved")}
+        for key, value in {**columns, **metrics}.items():
             self.curve.setdefault(key, []).append(value)
-        self.record["summary"].update(steps=step, examples=step * B, wall_time=now)
+        self.note(steps=step, examples=step * B, wall_time=now)
 
     def goal_noise(self, index: int, state: dict, probed_at: int) -> None:
-        """The noise scale at goal `index`, probed at the parameters after `probed_at` updates.
-        Where the probe did not measure B_noise (noise_scale.hessian_probe_batches 0), the goal
-        keeps no B_noise: the window's, from the few Hessian measurements of the last 10% of the
-        run, came out 10-100x below the line search's and the closed form's values at the goals
-        of the default sweep and linreg (docs/noise_scales.md). The curve keeps it."""
-        goal = self.record["goals"][index]
-        if "b_noise" not in state:
-            goal.update({key: None for key in CURVATURE_FIELDS})
-        goal.update(state, noise_source="probe", probed_at=probed_at)
+        """The noise scales at goal `index`, probed at the parameters after `probed_at` updates.
+        Where the probe did not measure B_noise, the goal keeps none (the window's, from the few
+        Hessian measurements near the goal, is far off there: docs/noise_scales.md); the curve
+        keeps it."""
+        unmeasured = {name: None for name in records.field_names(records.CurvatureFields)}
+        self.goals[index] = dataclasses.replace(self.goals[index], **{**unmeasured, **state}, noise_source="probe",
+                                                probed_at=probed_at)
 
-    def finish(self, status: str, reason: str) -> None:
-        self.record["status"], self.record["summary"]["reason"] = status, reason
+    def finish(self, status: records.Status, reason: str) -> None:
+        self.status = records.Status(status)
+        self.note(reason=reason)
         self.save()
 
     def save_now_and_then(self) -> None:
@@ -383,17 +391,21 @@ class RunBook:
 
     def fail(self, exc: BaseException) -> None:
         """Record an exception, so the sweep goes on and the analysis sees the failure."""
-        self.record["summary"].update(error=f"{type(exc).__name__}: {exc}")
-        self.finish(records.FAILED, "exception")
+        self.note(error=f"{type(exc).__name__}: {exc}")
+        self.finish(records.Status.failed, "exception")
 
     def state_dict(self) -> dict:
-        return {"record": self.record, "noise": self.noise.state_dict(), "ideal": self.ideal.state_dict(),
+        return {"status": self.status.value, "goals": [dataclasses.asdict(g) for g in self.goals],
+                "summary": dataclasses.asdict(self.summary), "curve": self.curve,
+                "noise": self.noise.state_dict(), "ideal": self.ideal.state_dict(),
                 "curvature": self.curvature.state_dict(), "ideal_noise": self.ideal_noise.state_dict(),
                 "initial_loss": self.initial_loss}
 
     def load_state_dict(self, state: dict) -> None:
-        self.record = state["record"]
-        self.curve = self.record["curve"]
+        self.status = records.Status(state["status"])
+        self.goals = [records.GoalRecord(**g) for g in state["goals"]]
+        self.summary = records.Summary(**state["summary"])
+        self.curve = state["curve"]
         self.noise.load_state_dict(state["noise"])
         self.ideal.load_state_dict(state["ideal"])
         self.curvature.load_state_dict(state["curvature"])
@@ -430,7 +442,7 @@ def stop_reason(book: RunBook, step: int, now: float, goal_key: str = "train_los
     if step > 0 and train_loss > config.divergence.loss_ratio * book.initial_loss:
         return records.DIVERGED, (f"smoothed training loss {train_loss:.4g} exceeds "
                                   f"{config.divergence.loss_ratio} x the initial {book.initial_loss:.4g}")
-    if all(goal["reached"] for goal in book.record["goals"]):
+    if all(goal.reached for goal in book.goals):
         return records.COMPLETED, "every goal reached"
     div = config.divergence
     if stalled(book.curve, sorted({"train_loss", goal_key}), step, div.stall_steps, div.stall_improvement):
@@ -444,20 +456,18 @@ def stop_reason(book: RunBook, step: int, now: float, goal_key: str = "train_los
 
 
 class NoiseMeasurements:
-    """When to measure the noise scale, and the squared-norm pairs measured, kept on the device
-    and handed to each run's book at the logged steps, in order: the hot loop never waits for the
-    GPU. A measurement is due every `every` steps, and more often while the estimate's window
-    (noise_scale.relative_window x the step count, at least min_window steps) would otherwise hold
-    fewer than MIN_PER_WINDOW measurements: early in a run, where the window is short."""
-
-    MIN_PER_WINDOW = 4
+    """When to measure a noise scale, and the pairs measured (squared norms, or curvature forms),
+    kept on the device and handed to each run's book at the logged steps, in order: the hot loop
+    never waits for the GPU. A measurement is due every `every` steps, and more often while the
+    estimate's window (relative_window x the step count, at least min_window steps) would otherwise
+    hold fewer than `min_per_window` measurements: early in a run, where the window is short."""
 
     def __init__(self, small_batch: int, big_batch: int, every: int, relative_window: float, min_window: float,
-                 into: str = "add_noise"):
+                 min_per_window: int):
         self.small_batch, self.big_batch, self.every = small_batch, big_batch, every
-        self.into = into  # the RunBook method that takes the measurements
-        self.relative_window, self.min_window = relative_window, min_window
-        self.last_step: int | None = None
+        self.relative_window, self.min_window, self.min_per_window = relative_window, min_window, min_per_window
+        self.last_step: int | None = None      # of the latest measurement
+        self.flushed_step: int | None = None   # ... and of the latest handed to the books
         self._pending: list[torch.Tensor] = []
         self._steps: list[int] = []
 
@@ -465,33 +475,33 @@ class NoiseMeasurements:
         if self.last_step is None:
             return True
         window = max(self.relative_window * step, self.min_window)
-        interval = min(self.every, max(1, int(window / self.MIN_PER_WINDOW)))
+        interval = min(self.every, max(1, int(window / self.min_per_window)))
         return step - self.last_step >= interval
 
-    def add(self, small_sq_norm: torch.Tensor, big_sq_norm: torch.Tensor, step: int) -> None:
-        self._pending.append(torch.stack([small_sq_norm.reshape(-1), big_sq_norm.reshape(-1)]))
+    def add(self, small: torch.Tensor, big: torch.Tensor, step: int) -> None:
+        self._pending.append(torch.stack([small.reshape(-1), big.reshape(-1)]))
         self._steps.append(step)
         self.last_step = step
 
-    def flush(self, books: list[RunBook]) -> None:
+    def flush(self, consumers: list) -> None:
+        """Hand every pending measurement to its member's consumer, in step order:
+        consumer(small, big, small_batch, big_batch, step, gap) (RunBook.add_noise or add_curvature)."""
         if not self._pending:
             return
         for step, (small, big) in zip(self._steps, torch.stack(self._pending).tolist()):  # [n][2][members]
-            gap = step - self._flushed_step if self._flushed_step is not None else 1
-            for book, s, b in zip(books, small, big):
-                getattr(book, self.into)(s, b, self.small_batch, self.big_batch, step, gap)
-            self._flushed_step = step
+            gap = step - self.flushed_step if self.flushed_step is not None else 1
+            for consume, s, b in zip(consumers, small, big):
+                consume(s, b, self.small_batch, self.big_batch, step, gap)
+            self.flushed_step = step
         self._pending.clear()
         self._steps.clear()
-
-    _flushed_step: int | None = None
 
     def keep(self, members: torch.Tensor) -> None:
         self._pending = [p[:, members] for p in self._pending]
 
     def state_dict(self) -> dict:
         assert not self._pending, "flush before saving"
-        return {"last_step": self.last_step, "flushed_step": self._flushed_step}
+        return {"last_step": self.last_step, "flushed_step": self.flushed_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_step, self._flushed_step = state["last_step"], state["flushed_step"]
+        self.last_step, self.flushed_step = state["last_step"], state["flushed_step"]

@@ -5,13 +5,10 @@ in their learning rate share everything else — the initial parameters (same se
 stream (same seed) — so they can run as one model whose parameters carry a leading member
 dimension: torch.func.vmap over the members turns M small kernels into one batched kernel.
 
-PackedStep is the step object of critbatch.train's one loop: each member is judged exactly as its
-plain twin is, the same batches in the same order, the same smoothing and goal crossings. Members
-that finish or diverge leave the pack at the next logged step and stop costing compute.
-The k micro-batch gradients that the noise scale needs come from one more vmap (over the
-micro-batches), so a measuring step costs about what a plain step does.
-On a CUDA device the step (and the measuring step) is captured once in a CUDA graph and replayed
-(critbatch.cuda_graphs): the vmapped step's many small kernels then cost one launch.
+PackedModel and PackedOptimizer are the machinery of critbatch.steps.PackedStep: each member is
+judged exactly as its plain twin is (the same batches in the same order, the same smoothing and
+goal crossings), and members that finish or diverge leave the pack and stop costing compute. The k
+micro-batch gradients of the noise scale come from one more vmap, over the micro-batches.
 
 Not for models with BatchNorm (running statistics are updated in place, which vmap cannot do per
 member): `packable` says so from the architecture before any data is loaded, and their runs train
@@ -19,7 +16,6 @@ one by one.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -27,8 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from critbatch.config import PACK_AXES, ConfigError, RunConfig, without
-from critbatch.cuda_graphs import TrainSteps
-from critbatch.curvature import curvature_forms
+from critbatch.micro_grads import has_batchnorm
 from critbatch.optimizers import get_optimizer
 from critbatch.tasks import Task
 
@@ -84,6 +79,14 @@ class PackedModel:
         self.params = {name: value[members] for name, value in self.params.items()}
         self.buffers = {name: value[members] for name, value in self.buffers.items()}
 
+    def state_dict(self) -> dict:
+        return {"params": self.params, "buffers": self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(iter(self.params.values())).device
+        self.params = {k: v.to(device) for k, v in state["params"].items()}
+        self.buffers = {k: v.to(device) for k, v in state["buffers"].items()}
+
 
 class PackedOptimizer:
     """The registered optimizers (critbatch.optimizers: SGD, momentum SGD, Adam, ...) over stacked
@@ -110,102 +113,19 @@ class PackedOptimizer:
         self.lrs = self.lrs[members]
         self.state = {name: {k: v[members] for k, v in s.items()} for name, s in self.state.items()}
 
-
-class PackedStep(TrainSteps):
-    """The pack's training step: per-member gradients (with the noise-scale norms when measuring),
-    then the update; replayed from CUDA graphs when `graphs` is on. The same interface as the
-    plain loop's PlainStep: returns (metrics, norms), per-member tensors of shape [M]."""
-
-    def __init__(self, configs: list[RunConfig], task: Task, device, micro_batches: int, graphs: bool):
-        rng = torch.get_rng_state()  # every member starts where its plain twin starts
-        models = []
-        for _ in configs:
-            torch.set_rng_state(rng)
-            models.append(task.make_model().to(device).train())
-        self.packed = PackedModel(task, models)
-        self.scratch = models[0]  # a module to evaluate one member at a time
-        self.members = len(configs)
-        self.optimizer = PackedOptimizer(self.packed.params, configs[0].optimizer,
-                                         torch.tensor([c.optimizer.lr for c in configs], device=device))
-        self.noise_measurement = None if micro_batches == 1 else "vmap over micro-batches"
-        self._loaded: int | None = None
-        super().__init__(micro_batches, graphs)
-
-    def _step(self, x, y, micro_batches):
-        grads, metrics, norms = self.packed.gradients(x, y, micro_batches)
-        self.optimizer.step(self.packed.params, grads)
-        self._loaded = None
-        return metrics, norms
-
-    def measure(self, x, y, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noise-scale norms on this batch, without an update."""
-        return self.packed.gradients(x, y, micro_batches)[2]
-
-    def module(self, member: int) -> nn.Module:
-        """A module holding one member's current parameters (for evaluation)."""
-        if self._loaded != member:
-            self.scratch.load_state_dict(self.packed.member_state(member))
-            self._loaded = member
-        return self.scratch
-
-    def curvature(self, x, y, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each member's curvature forms on this batch (critbatch.curvature), without an update."""
-        packed, task = self.packed, self.packed.task
-
-        def member(params, buffers):
-            def loss(p, xs, ys):
-                return task.loss(functional_call(packed.base, (p, buffers), (xs,)), ys)
-            return curvature_forms(loss, params, x, y, micro_batches)
-
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # dropout here leaves training's stream
-            small, big = vmap(member, randomness="different")(packed.params, packed.buffers)
-        return small.detach(), big.detach()
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of every member's parameters (for the noise probe at a goal's crossing)."""
-        return {name: value.clone() for name, value in self.packed.params.items()}
-
-    @contextlib.contextmanager
-    def swapped(self, snapshot: dict[str, torch.Tensor]):
-        """The parameters of `snapshot` in place of the current ones, in the same tensors."""
-        current = self.snapshot()
-        for name, value in snapshot.items():
-            self.packed.params[name].copy_(value)
-        self._loaded = None
-        try:
-            yield
-        finally:
-            for name, value in current.items():
-                self.packed.params[name].copy_(value)
-            self._loaded = None
-
-    def keep(self, members: torch.Tensor) -> None:
-        self.packed.keep(members)
-        self.optimizer.keep(members)
-        self._loaded = None
-
     def state_dict(self) -> dict:
-        opt = self.optimizer
-        return {"params": self.packed.params, "buffers": self.packed.buffers,
-                "optimizer": {"lrs": opt.lrs, "steps": opt.steps, "state": opt.state}}
+        return {"lrs": self.lrs, "steps": self.steps, "state": self.state}
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.optimizer.lrs.device
-        self.packed.params = {k: v.to(device) for k, v in state["params"].items()}
-        self.packed.buffers = {k: v.to(device) for k, v in state["buffers"].items()}
-        opt = state["optimizer"]
-        self.optimizer.lrs, self.optimizer.steps = opt["lrs"].to(device), opt["steps"].to(device)
-        self.optimizer.state = {name: {k: v.to(device) for k, v in s.items()} for name, s in opt["state"].items()}
-        self._loaded = None
+        device = self.lrs.device
+        self.lrs, self.steps = state["lrs"].to(device), state["steps"].to(device)
+        self.state = {name: {k: v.to(device) for k, v in s.items()} for name, s in state["state"].items()}
 
 
-def packable(config: RunConfig | dict) -> bool:
+def packable(config: RunConfig) -> bool:
     """Whether this run's model can train packed; decided from the architecture alone (built on
     the meta device), before any data is loaded: models with BatchNorm cannot (vmap cannot update
     running statistics per member in place)."""
-    from critbatch.train import has_batchnorm
-
-    config = RunConfig.from_dict(config) if isinstance(config, dict) else config
     with torch.device("meta"):
         return not has_batchnorm(config.build_task().make_model())
 

@@ -8,34 +8,189 @@ record that says it is partial.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
 import math
 import os
 import secrets
+import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from critbatch.config import GRID_AXES, NOT_IDENTITY, RunConfig, identity_settings, without
-from critbatch.typecheck import field_hints
+from critbatch.typecheck import describe, field_hints, matches
 
-# 2: goals say whether they were censored (met before the first valid measurement) and carry the
-# noise estimate's standard errors and its path average; the summary carries B_simple at
-# initialisation. Version-1 records are not read: rerun the sweep.
-SCHEMA_VERSION = 2
+# 3: goals and summaries carry every field of GoalRecord and Summary (null where not measured),
+# task options are complete (their constructor defaults filled in), status "interrupted".
+# Records of another version are not read: rerun the sweep.
+SCHEMA_VERSION = 3
 RECORD_FILE = "record.json"
 RUNS_DIR = "runs"
 SWEEP_FILE = "sweep.json"   # a sweep directory's plan, written by sweeps.launch
 
-RUNNING = "running"
-COMPLETED = "completed"
-DIVERGED = "diverged"
-STALLED = "stalled"        # stopped early: neither its loss nor its goal metric improved (monitor.stalled)
-BUDGET_EXHAUSTED = "budget_exhausted"
-FAILED = "failed"
-FINISHED_STATUSES = (COMPLETED, DIVERGED, STALLED, BUDGET_EXHAUSTED, FAILED)
-STATUSES = (RUNNING, *FINISHED_STATUSES)
+
+class Status(str, enum.Enum):
+    """Where a run stands. A relaunch skips `complete` runs and resumes or reruns the others."""
+    running = "running"                    # training, or killed without a word (a partial record)
+    completed = "completed"                # every goal reached
+    diverged = "diverged"                  # non-finite loss, or loss above divergence.loss_ratio x the initial
+    stalled = "stalled"                    # no progress (divergence.stall_steps); analysed like diverged
+    budget_exhausted = "budget_exhausted"  # steps, examples or seconds spent
+    failed = "failed"                      # an exception; the summary's error says which
+    interrupted = "interrupted"            # stopped by a signal at a step boundary, its state checkpointed
+
+    @property
+    def finished(self) -> bool:
+        """The run is over: its record is final (a relaunch may still rerun a failed one)."""
+        return self not in (Status.running, Status.interrupted)
+
+    @property
+    def complete(self) -> bool:
+        """A relaunch must not recompute it."""
+        return self.finished and self is not Status.failed
+
+
+RUNNING, COMPLETED, DIVERGED, STALLED = Status.running, Status.completed, Status.diverged, Status.stalled
+BUDGET_EXHAUSTED, FAILED, INTERRUPTED = Status.budget_exhausted, Status.failed, Status.interrupted
+STATUSES = tuple(s.value for s in Status)
+FINISHED_STATUSES = tuple(s.value for s in Status if s.finished)
+COMPLETE_STATUSES = tuple(s.value for s in Status if s.complete)
+
+
+def _doc(text: str, default=None):
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(kw_only=True)
+class NoiseFields:
+    """B_simple as critbatch.gns.NoiseScale estimates it (NoiseScale.state())."""
+    b_simple: float | None = _doc("tr(Σ)/|G|², the ratio of the averaged estimates")
+    b_simple_se: float | None = _doc("its standard error (delta method)")
+    grad_sq_norm: float | None = _doc("|G|², the averaged unbiased estimate")
+    grad_sq_norm_se: float | None = _doc("its standard error")
+    trace_sigma: float | None = _doc("tr(Σ), the averaged unbiased estimate")
+    trace_sigma_se: float | None = _doc("its standard error")
+    noise_cov: float | None = _doc("covariance of the two averaged estimates")
+    noise_updates: int | None = _doc("measurements averaged")
+    b_simple_resolved: bool | None = _doc("|G|² above twice its standard error (else b_simple is a lower bound)")
+
+
+@dataclass(kw_only=True)
+class CurvatureFields:
+    """B_noise = tr(HΣ)/(GᵀHG), a NoiseScale fed with curvature forms (critbatch.curvature)."""
+    b_noise: float | None = _doc("tr(HΣ)/(GᵀHG)")
+    b_noise_se: float | None = _doc("its standard error")
+    grad_h_grad: float | None = _doc("GᵀHG, the averaged unbiased estimate")
+    grad_h_grad_se: float | None = _doc("its standard error")
+    trace_h_sigma: float | None = _doc("tr(HΣ), the averaged unbiased estimate")
+    trace_h_sigma_se: float | None = _doc("its standard error")
+    curvature_cov: float | None = _doc("covariance of the two averaged estimates")
+    curvature_updates: int | None = _doc("measurements averaged")
+    b_noise_resolved: bool | None = _doc("GᵀHG above twice its standard error")
+
+
+@dataclass(kw_only=True)
+class PathFields:
+    """The noise scales averaged along the path as S = S_min + E_min/B averages them
+    (critbatch.monitor.IdealSteps, docs/noise_scales.md)."""
+    b_simple_path: float | None = _doc("B_simple averaged along the path to this step")
+    b_simple_path_se: float | None = _doc("its standard error (NaN before 8 measurements)")
+    b_noise_path: float | None = _doc("B_noise averaged along the path to this step")
+    b_noise_path_se: float | None = _doc("its standard error; the analysis counts a path average only where "
+                                         "this is at most 25% of it")
+    ideal_steps: float | None = _doc("the steps an infinite batch would have needed for the progress made")
+
+
+@dataclass(kw_only=True)
+class GoalCrossing:
+    """When a run first met a goal."""
+    metric: str = field(metadata={"doc": "the goal's metric, e.g. train_error"})
+    threshold: float = field(metadata={"doc": "the goal is met when the smoothed metric is at most this"})
+    reached: bool = _doc("the smoothed metric fell to the threshold", False)
+    censored: bool = _doc("met already when the first smoothing window filled: its step is only known to be "
+                          "at most step_at_most; never fitted", False)
+    step: float | None = _doc("the first crossing of the smoothed metric (interpolated, so fractional)")
+    examples: float | None = _doc("step × batch size")
+    wall_time: float | None = _doc("seconds of training at the crossing")
+    step_at_most: float | None = _doc("a censored goal: the step at which it was noticed")
+    noise_source: str | None = _doc("probe or window: where the noise fields come from")
+    noise_center_step: float | None = _doc("the step at which the window's estimate is centred")
+    probed_at: float | None = _doc("the step of the parameters the probe measured")
+
+
+@dataclass(kw_only=True)
+class GoalRecord(PathFields, CurvatureFields, NoiseFields, GoalCrossing):
+    """One goal, `metric <= threshold`, and what was measured where the run first met it. The noise
+    fields are a probe of the kept parameters nearest the crossing (noise_source "probe") or the
+    window's estimate when it was noticed ("window"); B_noise only where probed."""
+
+
+@dataclass(kw_only=True)
+class Summary:
+    """How the run went, as a whole."""
+    steps: int = _doc("steps taken", 0)
+    examples: int = _doc("examples seen (steps × batch size)", 0)
+    wall_time: float = _doc("seconds of training (set-up excluded)", 0.0)
+    reason: str | None = _doc("why the run stopped")
+    error: str | None = _doc("the exception of a failed run")
+    initial_loss: float | None = _doc("the initial model's mean loss: the divergence rule's reference")
+    b_simple_init: float | None = _doc("B_simple at initialisation (a probe)")
+    b_simple_init_se: float | None = _doc("its standard error")
+    grad_sq_norm_init: float | None = _doc("|G|² at initialisation")
+    trace_sigma_init: float | None = _doc("tr(Σ) at initialisation")
+    noise_init_batches: int | None = _doc("batches the initial probe measured")
+    b_noise_init: float | None = _doc("B_noise at initialisation, where measured")
+    b_noise_se_init: float | None = _doc("its standard error")
+    grad_h_grad_init: float | None = _doc("GᵀHG at initialisation")
+    trace_h_sigma_init: float | None = _doc("tr(HΣ) at initialisation")
+    curvature_updates_init: int | None = _doc("batches of the initial B_noise probe")
+    b_noise_skipped: str | None = _doc("why B_noise was not measured in this run, where it was asked for")
+    data: dict | None = _doc("what identifies the data beyond the task's options (Task.fingerprint)")
+    device: str | None = _doc("where it trained")
+    path: str | None = _doc("plain or packed")
+    packed_members: int | None = _doc("runs trained together as one packed model")
+    noise_micro_batches: int | None = _doc("k of a measuring step")
+    noise_measurement: str | None = _doc("how the k micro-batch norms were computed (critbatch.steps.NoiseMeasurement)")
+    cuda_graphs: bool | None = _doc("steps replayed from CUDA graphs")
+    cuda_graph_failure: str | None = _doc("why a capture failed (the step then ran eagerly)")
+    setup_seconds: float | None = _doc("set-up time: data, model, the initial probes")
+    resumed_at: list | None = _doc("steps at which the run resumed from its checkpoint")
+    host: str | None = _doc("the machine")
+    pid: int | None = _doc("the process")
+    torch: str | None = _doc("torch's version")
+    python: str | None = _doc("Python's version")
+
+
+@dataclass(kw_only=True)
+class CurveStep:
+    step: int = field(metadata={"doc": "the logged step (geometrically spaced, log.relative_interval apart)"})
+    examples: int = field(metadata={"doc": "step × batch size"})
+    wall_time: float = field(metadata={"doc": "seconds of training"})
+
+
+@dataclass(kw_only=True)
+class CurvePoint(PathFields, CurvatureFields, NoiseFields, CurveStep):
+    """The fixed columns of the curve (a column per field, a row per logged step, the window's
+    noise estimates at that step); the run's metrics are columns too: train_<m> (smoothed batch
+    metric m), the task's evaluated metrics as named, and smoothed_<m> for an evaluated goal metric."""
+
+
+def field_names(schema) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(schema))
+
+
+#: per-goal values of the noise scales at the crossing: columns of load_sweep
+GOAL_NOISE_COLUMNS = tuple(n for n in field_names(GoalRecord) if n in field_names(NoiseFields)
+                           + field_names(CurvatureFields) + field_names(PathFields) and not n.endswith("_resolved"))
+#: per-run values of the noise scales at initialisation, from the summary
+INIT_NOISE_COLUMNS = ("b_simple_init", "b_simple_init_se", "grad_sq_norm_init", "trace_sigma_init",
+                      "b_noise_init", "b_noise_se_init")
+#: the curve columns every record has (the metrics' columns are the task's)
+CURVE_COLUMNS = tuple(n for n in field_names(CurvePoint) if not n.endswith("_resolved"))
 
 # The settings that identify a run: two runs agreeing on these are the same run, so a relaunch
 # can skip it. Derived from RunConfig: every field but those in config.NOT_IDENTITY (bookkeeping,
@@ -90,17 +245,22 @@ def run_dir(sweep_dir: str | os.PathLike, config: dict) -> Path:
     return Path(sweep_dir) / RUNS_DIR / run_name(config)
 
 
-def new_record(config: dict) -> dict:
-    """The record of a run that starts now (status running): the one place its layout is made.
-    `config` is the run's complete settings (RunConfig.to_dict())."""
+def make_record(config: dict, status: Status, goals: list[GoalRecord], summary: Summary,
+                curve: dict[str, list]) -> dict:
+    """A record as it is written: the one place its layout is made. `config` is the run's
+    complete settings (RunConfig.to_dict())."""
     return {
         "schema_version": SCHEMA_VERSION, "run_id": run_id(config), "run_name": run_name(config),
-        "status": RUNNING, "config": config,
-        "goals": [{"metric": config["goals"]["metric"], "threshold": t, "reached": False, "censored": False}
-                  for t in config["goals"]["thresholds"]],
-        "summary": {"steps": 0, "examples": 0, "wall_time": 0.0, "reason": None, "error": None},
-        "curve": {},
+        "status": Status(status).value, "config": config,
+        "goals": [dataclasses.asdict(goal) for goal in goals], "summary": dataclasses.asdict(summary),
+        "curve": curve,
     }
+
+
+def new_record(config: dict) -> dict:
+    """The record of a run that starts now (status running, no goal reached yet)."""
+    goals = [GoalRecord(metric=config["goals"]["metric"], threshold=t) for t in config["goals"]["thresholds"]]
+    return make_record(config, Status.running, goals, Summary(), {})
 
 
 def _json_safe(value: Any) -> Any:
@@ -171,9 +331,9 @@ def _type(value) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _check(ok: bool, field: str, expected: str, value) -> None:
+def _check(ok: bool, where: str, expected: str, value) -> None:
     if not ok:
-        raise RecordError(f"{field}: expected {expected}, got {_type(value)}")
+        raise RecordError(f"{where}: expected {expected}, got {_type(value)}")
 
 
 def _check_layout(record: dict) -> None:
@@ -191,8 +351,23 @@ def _check_layout(record: dict) -> None:
         _check(isinstance(record["run_name"], str), "run_name", "a string", record["run_name"])
 
 
+def _check_fields(values: dict, schema, where: str) -> None:
+    """Each field of the schema dataclass that `values` holds fits its annotation (null allowed
+    where the field has a default)."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in values:
+            _check(not required, f"{where}.{f.name}", describe(hints[f.name]), None)
+            continue
+        value = values[f.name]
+        if value is None and not required:
+            continue
+        _check(matches(value, hints[f.name]), f"{where}.{f.name}", describe(hints[f.name]), value)
+
+
 def _check_finished(record: dict) -> None:
-    """Every field that the analysis and the launcher read, with its type."""
+    """Every field that the analysis and the launcher read, with its type (GoalRecord, Summary)."""
     config = record["config"]
     for section in ("task", "optimizer"):
         _check(isinstance(config.get(section), dict), f"config.{section}", "an object", config.get(section))
@@ -204,18 +379,8 @@ def _check_finished(record: dict) -> None:
         _check(_is_int(config.get(key)), f"config.{key}", "an integer", config.get(key))
     for i, goal in enumerate(record["goals"]):
         _check(isinstance(goal, dict), f"goals[{i}]", "an object", goal)
-        _check(isinstance(goal.get("metric"), str), f"goals[{i}].metric", "a string", goal.get("metric"))
-        _check(_is_number(goal.get("threshold")), f"goals[{i}].threshold", "a number", goal.get("threshold"))
-        _check(isinstance(goal.get("reached"), bool), f"goals[{i}].reached", "true or false", goal.get("reached"))
-        if "censored" in goal:
-            _check(isinstance(goal["censored"], bool), f"goals[{i}].censored", "true or false", goal["censored"])
-        for key in ("step", "examples", "wall_time", *GOAL_NOISE_COLUMNS):
-            if goal.get(key) is not None:
-                _check(_is_number(goal[key]), f"goals[{i}].{key}", "a number or null", goal[key])
-    summary = record["summary"]
-    for key in ("steps", "examples", "wall_time", *INIT_NOISE_COLUMNS):
-        if summary.get(key) is not None:
-            _check(_is_number(summary[key]), f"summary.{key}", "a number or null", summary[key])
+        _check_fields(goal, GoalRecord, f"goals[{i}]")
+    _check_fields(record["summary"], Summary, "summary")
     length = None
     for key, column in record["curve"].items():
         _check(isinstance(column, list), f"curve.{key}", "a list", column)
@@ -244,7 +409,7 @@ def read_record(path: str | os.PathLike) -> dict:
         raise RecordError(f"{path}: schema_version {version!r}, this critbatch reads {SCHEMA_VERSION}")
     try:
         _check_layout(record)
-        if record["status"] != RUNNING:
+        if Status(record["status"]).finished:
             _check_finished(record)
     except RecordError as exc:
         raise RecordError(f"{path}: {exc}") from None
@@ -254,7 +419,7 @@ def read_record(path: str | os.PathLike) -> dict:
 def is_complete(path: str | os.PathLike) -> bool:
     """True when `path` holds a finished record that a relaunch must not recompute."""
     try:
-        return read_record(path)["status"] in (COMPLETED, DIVERGED, STALLED, BUDGET_EXHAUSTED)
+        return Status(read_record(path)["status"]).complete
     except RecordError:
         return False
 
@@ -318,9 +483,9 @@ def _read_finished(sweep_dirs) -> tuple[list[tuple[Path, dict, str]], list[dict]
                              f"not of the variant {current} that {SWEEP_FILE} names: not counted (another "
                              f"sweep's settings; see sweeps.launch's sweep.allow_new_variant)"})
             continue
-        if record["status"] == RUNNING:
-            problems.append({"path": str(path), "problem": "partial record (status running): the job "
-                             "was killed or is still running; relaunch the sweep to finish it"})
+        if not Status(record["status"]).finished:
+            problems.append({"path": str(path), "problem": f"partial record (status {record['status']}): the job "
+                             "was stopped or is still running; relaunch the sweep to finish it"})
             continue
         seen.setdefault(root, {}).setdefault(variant, record["config"])
         finished.append((path, record, labels[root]))
@@ -358,17 +523,6 @@ def _settings(record: dict, path: Path, sweep: str) -> dict:
 
 def _num(value) -> float:
     return math.nan if value is None else float(value)
-
-
-#: per-goal values of the noise scale at the crossing (docs/records.md)
-GOAL_NOISE_COLUMNS = ("b_simple", "b_simple_se", "grad_sq_norm", "grad_sq_norm_se", "trace_sigma",
-                      "trace_sigma_se", "noise_cov", "noise_updates", "b_simple_path", "b_simple_path_se",
-                      # B_noise (critbatch.curvature), where it was measured
-                      "b_noise", "b_noise_se", "grad_h_grad", "grad_h_grad_se", "trace_h_sigma", "trace_h_sigma_se",
-                      "b_noise_path", "b_noise_path_se")
-#: per-run values of the noise scale at initialisation, from the summary
-INIT_NOISE_COLUMNS = ("b_simple_init", "b_simple_init_se", "grad_sq_norm_init", "trace_sigma_init",
-                      "b_noise_init", "b_noise_se_init")
 
 
 def load_sweep(sweep_dir: str | os.PathLike | Sequence[str | os.PathLike]):

@@ -7,6 +7,7 @@ that names the key and what it takes: `optimizer.weight_decay='abc' must be a nu
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import os
 import types
@@ -27,6 +28,8 @@ def matches(value, hint) -> bool:
         return value is None
     if origin is Literal:
         return value in args
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {member.value for member in hint}
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -65,6 +68,8 @@ def describe(hint) -> str:
         return "null"
     if origin is Literal:
         return f"one of {list(args)}"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return f"one of {[member.value for member in hint]}"
     simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     if hint in simple:
         return simple[hint]

@@ -76,8 +76,17 @@ class Task:
         """Per-batch metrics named in `batch_metrics`, as 0-d tensors (no host sync)."""
         return {"loss": loss.detach()}
 
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples at `index` (a tensor of dataset positions) as (inputs, targets)."""
+        return self.inputs.index_select(0, index), self.targets.index_select(0, index)
+
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"task {self.name!r} has a finite dataset; index it instead")
+
+    def fingerprint(self) -> dict:
+        """What identifies the loaded data beyond the task's options (e.g. a checksum of a user's
+        file), kept in the record's summary and the checkpoint: a run resumes only on the same data."""
+        return {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
