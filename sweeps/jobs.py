@@ -77,8 +77,7 @@ def packs(configs: list[RunConfig], packing: dict | None) -> list[tuple[list[Run
         by_key.setdefault(key, []).append(config)
     size = max(1, int(packing.get("max_members", 32)))
     chunks = [(group[i:i + size], packed) for (packed, _), group in by_key.items() for i in range(0, len(group), size)]
-    # vmap over one member is slower than the plain loop (4x on a CPU), which replays its steps
-    # from CUDA graphs too
+    # vmap over one member is slower than the plain loop, which replays its steps from CUDA graphs too
     return [(chunk, packed and len(chunk) > 1) for chunk, packed in chunks]
 
 

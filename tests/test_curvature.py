@@ -160,9 +160,7 @@ def test_a_run_that_cannot_give_b_noise_skips_it_and_says_why():
 def test_b_noise_path_average_is_the_exact_one_along_the_run(batch_size, lr, draws):
     """Inside real training runs, at every goal: B_noise averaged along the path (the online
     estimator, measured every step on batches of its own) against the exact average along the
-    same trajectory, within 15%. Measured: 0.91-0.98 at B = 8, 0.88-0.97 at B = 128 (seed 0; at
-    B = 8 the run's own tr(H Sigma) measurements set the error, docs/noise_scales.md); the
-    trailing window's G^T H G in the rate's numerator gave 0.65-0.81 (the window lags)."""
+    same trajectory, within 15% (the figures: docs/noise_scales.md)."""
     config = {"task": {"name": "linreg", "dim": 32, "target_scale": 3.0}, "batch_size": batch_size, "device": "cpu",
               "seed": 0, "optimizer": {"name": "sgd", "lr": lr}, "smoothing": {"min_examples": 64},
               "goals": {"metric": "exact_excess_loss", "thresholds": [0.3, 0.1, 0.06, 0.04]},

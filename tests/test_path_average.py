@@ -78,8 +78,7 @@ def test_the_path_average_standard_error_matches_the_spread_over_repeats():
         values.append(ideal.path_average(1000))
         errors.append(ideal.path_average_se(1000))
     assert np.mean(values) == pytest.approx(truth, rel=0.02)
-    # measured 1.04x; from the numerators' noise alone (a high g also raises its neighbours'
-    # denominators, which that leaves out) it was 1.26x
+    # the delta method over numerators and denominators: a high g also raises its neighbours' denominators
     assert 0.9 < np.mean(errors) / np.std(values) < 1.15, (np.mean(errors), np.std(values))
     early = IdealSteps(B)
     for s in range(0, 70, 10):
@@ -91,9 +90,7 @@ def test_the_run_book_path_rate_is_unbiased_with_gradients_drawn_from_a_known_no
     """Micro-batch gradients drawn from a known noise (Sigma = 2 I in 10 dimensions, |G|^2 falling
     from 1 to 0.1 over 200 steps: B_simple from 20 to 200) fed to a RunBook at B = 32 as training
     feeds it, one measurement per step: over 300 repeats its ideal steps are exact within 3
-    standard errors and 5%. Measured with three seeds: 0.99-1.00 of exact (+- 0.004). The window's
-    |G|^2 in the numerator (it lags, and G falls) gave 1.12; each measurement's own |G|^2 over the
-    window after it (which holds the measurement's own noise) 0.97, 8 standard errors off."""
+    standard errors and 5%."""
     rng = np.random.default_rng(2)
     dim, sigma2, B, k, steps = 10, 2.0, 32, 4, 200
     sq_norm = 10.0 ** (-np.arange(steps + 1) / steps)
@@ -117,12 +114,8 @@ def test_b_simple_path_average_is_the_exact_one_along_real_runs(batch_size, lr, 
     """Inside real linreg runs, measured every step, at every goal: the ideal steps behind
     B_simple's path average against the exact ones along each run's own trajectory (replayed in
     float64, closed forms at every step), over 12 seeds: exact within 3 standard errors and the
-    tolerance (one run's spread is 0.24 at B = 32, 0.08 at B = 128; measured with 16-32 seeds:
-    0.90-1.03 of exact, +- 0.07 and +- 0.02). Each run's path average is off by about its
-    standard error: rms of error/se at most 1.75, measured 1.0 at B = 32 and 1.4 at B = 128,
-    where the ideal steps came out 1-3% high (1-1.6 standard errors of the seeds' mean), a bias
-    the standard error leaves out. Each measurement's own |G|^2 over a window that holds it
-    (trailing, as the noise scale's) gave 0.93 +- 0.02 at B = 128."""
+    tolerance (one run's spread is larger at small B). Each run's path average is off by about its
+    standard error: rms of error/se at most 1.75 (docs/noise_scales.md has the figures)."""
     ratios, errors = {}, []
     for seed in range(12):
         config = {"task": {"name": "linreg", "dim": 32, "target_scale": 3.0}, "batch_size": batch_size,

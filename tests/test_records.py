@@ -356,3 +356,20 @@ def test_load_sweep_counts_only_the_current_variant(tmp_path):
     assert [p["path"] for p in frame.attrs["problems"]] == [str(records.run_dir(tmp_path, other) / records.RECORD_FILE)]
     (tmp_path / "sweep.json").unlink()  # no manifest: every record counts, as before
     assert records.load_sweep(tmp_path)["run_id"].nunique() == 2
+
+
+def test_docs_records_md_holds_the_schema_tables():
+    """docs/records.md shows the record's fields as the schema defines them (python -m critbatch.records)."""
+    from tests.helpers import REPO
+
+    assert records.schema_markdown() in (REPO / "docs" / "records.md").read_text()
+
+
+def test_a_goal_field_of_the_wrong_type_is_named(tmp_path):
+    record = records.new_record(RunConfig.from_dict({"device": "cpu"}).to_dict())
+    record["status"] = "completed"
+    record["goals"][0]["b_simple_path"] = "large"
+    path = tmp_path / records.RECORD_FILE
+    records.write_record(path, record)
+    with pytest.raises(records.RecordError, match=r"goals\[0\]\.b_simple_path: expected a number or null"):
+        records.read_record(path)

@@ -84,8 +84,7 @@ class GraphedStep:
 
 
 # auto graphs a step only up to this batch size: beyond it a step is bound by its arithmetic, not by
-# launches (the GPU-fast issue's H200 table: eager and graphed steps tie from B=1024 up), while
-# each graph holds a batch's activations in GPU memory of its own.
+# launches (docs/speed.md), while each graph holds a batch's activations in GPU memory of its own.
 AUTO_MAX_BATCH_SIZE = 1024
 
 

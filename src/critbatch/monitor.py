@@ -142,14 +142,12 @@ class IdealSteps:
     each measurement weighted by the steps it stands for.
     - Linear in the noisy g_i, so its noise averages out along the path instead of blowing up a
       ratio, and unbiased where G B << T.
-    - Leave-one-out: g_i's own noise is not in its denominator (a window holding it biased the
-      rate low: t_i, from the same two norms, carries the opposite noise).
-    - Centred: a trailing window lags, and G and T fall along training. The trailing window's G
-      in the numerator put B_noise's path average at 0.65-0.81 of exact on linreg, B_simple's at
-      0.54-1.05; each g_i over a trailing window still left the ideal steps 6% low where G fell
-      tenfold in 200 steps (tests/test_path_average.py). The newest measurements, within h of
-      the last one, have only those before them and the few since: their rates are provisional
-      until the window around them fills, and a goal keeps the value known when it was crossed.
+    - Leave-one-out: g_i's own noise is not in its denominator (t_i, from the same two norms,
+      carries the opposite noise, which would bias the rate low).
+    - Centred: G and T fall along training, and a trailing window lags behind them. The newest
+      measurements, within h of the last one, have only those before them and the few since:
+      their rates are provisional until the window around them fills, and a goal keeps the value
+      known when it was crossed. (How each choice was checked: docs/noise_scales.md.)
     From a run at batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale
     averaged along the path to step s, weighted as B_crit weights it.
 

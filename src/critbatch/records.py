@@ -34,14 +34,15 @@ SWEEP_FILE = "sweep.json"   # a sweep directory's plan, written by sweeps.launch
 
 
 class Status(str, enum.Enum):
-    """Where a run stands. A relaunch skips `complete` runs and resumes or reruns the others."""
-    running = "running"                    # training, or killed without a word (a partial record)
-    completed = "completed"                # every goal reached
-    diverged = "diverged"                  # non-finite loss, or loss above divergence.loss_ratio x the initial
-    stalled = "stalled"                    # no progress (divergence.stall_steps); analysed like diverged
-    budget_exhausted = "budget_exhausted"  # steps, examples or seconds spent
-    failed = "failed"                      # an exception; the summary's error says which
-    interrupted = "interrupted"            # stopped by a signal at a step boundary, its state checkpointed
+    """Where a run stands (STATUS_MEANINGS). A relaunch skips `complete` runs and resumes or
+    reruns the others."""
+    running = "running"
+    completed = "completed"
+    diverged = "diverged"
+    stalled = "stalled"
+    budget_exhausted = "budget_exhausted"
+    failed = "failed"
+    interrupted = "interrupted"
 
     @property
     def finished(self) -> bool:
@@ -54,6 +55,17 @@ class Status(str, enum.Enum):
         return self.finished and self is not Status.failed
 
 
+STATUS_MEANINGS = {
+    Status.running: "training, or killed without a word: a partial record (its checkpoint, if any, lets a relaunch "
+                    "resume it)",
+    Status.completed: "every goal reached",
+    Status.diverged: "non-finite loss, or smoothed loss above divergence.loss_ratio x the initial loss",
+    Status.stalled: "stopped by the no-progress rule (divergence.stall_steps); analysed like diverged",
+    Status.budget_exhausted: "its steps, examples or seconds were spent",
+    Status.failed: "an exception (summary.error says which); a relaunch reruns it",
+    Status.interrupted: "stopped by a signal (Ctrl-C, scancel, preemption) at a step boundary with its state "
+                        "checkpointed; a relaunch resumes it",
+}
 RUNNING, COMPLETED, DIVERGED, STALLED = Status.running, Status.completed, Status.diverged, Status.stalled
 BUDGET_EXHAUSTED, FAILED, INTERRUPTED = Status.budget_exhausted, Status.failed, Status.interrupted
 STATUSES = tuple(s.value for s in Status)
@@ -191,6 +203,23 @@ INIT_NOISE_COLUMNS = ("b_simple_init", "b_simple_init_se", "grad_sq_norm_init", 
                       "b_noise_init", "b_noise_se_init")
 #: the curve columns every record has (the metrics' columns are the task's)
 CURVE_COLUMNS = tuple(n for n in field_names(CurvePoint) if not n.endswith("_resolved"))
+
+def schema_markdown() -> str:
+    """docs/records.md's tables of statuses and fields, made from this schema (the test suite
+    checks that the document holds them; regenerate with `python -m critbatch.records`)."""
+    lines = ["| status | meaning |", "|---|---|"]
+    lines += [f"| {status.value} | {STATUS_MEANINGS[status]} |" for status in Status]
+    for title, schema in (("A goal (`goals[i]`)", GoalRecord), ("`summary`", Summary),
+                          ("`curve`: one list per column, one value per logged step", CurvePoint)):
+        hints = typing.get_type_hints(schema)
+        lines += ["", f"{title}:", "", "| field | type | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(schema):
+            if schema is CurvePoint and f.name.endswith("_resolved"):
+                continue
+            meaning = f.metadata.get("doc", "").replace("|", "\\|")
+            lines.append(f"| {f.name} | {describe(hints[f.name])} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
 
 # The settings that identify a run: two runs agreeing on these are the same run, so a relaunch
 # can skip it. Derived from RunConfig: every field but those in config.NOT_IDENTITY (bookkeeping,
@@ -599,3 +628,14 @@ def load_curves(sweep_dir: str | os.PathLike | Sequence[str | os.PathLike]):
     frame.attrs["problems"] = problems
     frame.attrs["notes"] = notes
     return frame
+
+
+if __name__ == "__main__":  # python -m critbatch.records [DOC]: rewrite the schema tables of docs/records.md
+    import sys
+
+    doc = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/records.md")
+    begin, end = "<!-- schema tables: python -m critbatch.records -->", "<!-- end of schema tables -->"
+    text = doc.read_text()
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    doc.write_text(f"{head}{begin}\n{schema_markdown()}{end}{tail}")

@@ -645,14 +645,12 @@ def noise_scale_summary(rows: pd.DataFrame, n_bootstrap: int = 400, seed: int = 
 
 # A noise scale at a goal from fewer measurements than this is not counted: its standard error,
 # from so few, says nothing, and keeping only the ones that look resolved keeps the ones whose
-# denominator happened to come out large (linreg's window B_noise at its goals, from one or two
-# measurements, came out 100x below the closed form).
+# denominator happened to come out large (docs/noise_scales.md).
 MIN_NOISE_UPDATES = 8
 
 
-# A path average counts at a goal only when its standard error is at most this share of it: at the
-# default settings (B_noise every 100 steps on micro-batches of B/k) B_noise's rarely is, and
-# B_simple's is not in short runs at small B.
+# A path average counts at a goal only when its standard error is at most this share of it (a
+# rough one, e.g. B_noise's at the default measuring interval, is left out, not averaged in).
 MAX_PATH_RELATIVE_SE = 0.25
 
 

@@ -121,7 +121,7 @@ class MNIST1D(ClassificationTask):
     """MNIST-1D with the repository's CNN or MLP; the training split (4,000 examples by default)
     is `inputs` [N, 40] float32 and `targets` [N] int64, the test split `test_inputs`/`test_targets`."""
 
-    def __init__(self, data_dir: str = "data", num_samples: int = 5000, seed: int = 42, model: str = "cnn",
+    def __init__(self, data_dir: str = "data", num_samples: int = 5000, seed: int = 42, model: str = "mlp",
                  channels: int = 25, hidden: int = 100):
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise TaskError(f"mnist1d: data_dir must be a directory name, got {data_dir!r}")
