@@ -186,14 +186,6 @@ def test_a_task_and_an_optimizer_from_the_users_module(tmp_path, user_module):
     assert set(records.load_sweep(sweep)["task"]) == {"user_digits"}
 
 
-def plain_runs_use_the_registry() -> bool:
-    from critbatch import optimizers, train
-
-    return train.make_optimizer is optimizers.make_optimizer
-
-
-@pytest.mark.skipif(not plain_runs_use_the_registry(),
-                    reason="critbatch.train.make_optimizer does not look optimizers up in the registry yet")
 def test_a_users_optimizer_trains_plain_runs_too(user_module):
     from critbatch.train import train
 

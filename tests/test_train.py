@@ -24,7 +24,8 @@ from critbatch.config import RunConfig
 from critbatch.tasks import build_task
 from critbatch.tasks.digits import Digits
 from critbatch.monitor import GoalCrossings, SmoothedMetrics
-from critbatch.train import BatchSampler, train
+from critbatch.batches import BatchSampler
+from critbatch.train import train
 
 
 # Isotropic, nearly noiseless linear regression: the loss falls by orders of magnitude, so a goal's
