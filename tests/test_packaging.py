@@ -106,7 +106,7 @@ def test_records_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# the public API: docstrings with arguments, returns and an example that runs
+# the public API: the examples in its docstrings run
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("module", ["critbatch.gns", "critbatch.train", "critbatch.tasks", "critbatch.records",
@@ -114,18 +114,6 @@ def test_records_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
-
-
-PUBLIC = [("critbatch.gns", "NoiseScale"), ("critbatch.train", "train"), ("critbatch.tasks", "build_task"),
-          ("critbatch.records", "load_sweep"), ("critbatch.tradeoff", "fit_tradeoff")]
-
-
-@pytest.mark.parametrize("module, name", PUBLIC)
-def test_the_public_api_documents_its_arguments_and_shows_an_example(module, name):
-    obj = getattr(importlib.import_module(module), name)
-    doc = obj.__doc__ or ""
-    assert "Args:" in doc and ">>>" in doc
-    assert isinstance(obj, type) or "Returns:" in doc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,13 +203,6 @@ def test_help_says_what_the_command_does_and_lists_groups_and_keys():
         assert words in result.stdout, words
 
 
-def test_no_unused_launcher_plugin():
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert "hydra-submitit-launcher" not in pyproject
-    sources = [p.read_text() for d in ("src", "sweeps", "analysis") for p in (REPO / d).rglob("*.py")]
-    assert not any("hydra_plugins" in text for text in sources)
-
-
 def test_next_commands_use_this_interpreter_and_the_real_overrides():
     from sweeps.launch import command, relaunch_command
 
