@@ -3,11 +3,11 @@
   (a) dataloader: a typical user's loop — TensorDataset + DataLoader (sampling with replacement),
       copying each batch to the device, torch.optim;
   (b) eager:      the eager on-device loop, the issue's baseline — data on the device, batches by
-                  index_select (critbatch.train.Batches + compute_gradients + torch.optim);
-  (c) plain:      critbatch's plain loop as a sweep runs it (critbatch.train.PlainStep): on CUDA
+                  index_select (critbatch.batches.Batches + critbatch.steps.compute_gradients + torch.optim);
+  (c) plain:      critbatch's plain loop as a sweep runs it (critbatch.steps.PlainStep): on CUDA
                   each step is replayed from a CUDA graph;
   (d) packed:     critbatch's fast path — M learning rates as one vmapped model
-                  (critbatch.packed.PackedStep), time per model-step; on CUDA each step is
+                  (critbatch.steps.PackedStep), time per model-step; on CUDA each step is
                   replayed from a CUDA graph. Not for models with BatchNorm (n/a).
 "sweep" is the path a sweep takes at that B with the default settings (packed for
 B <= packing.max_batch_size on a GPU, plain otherwise). Also the noise-scale cost at the default
@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from critbatch.config import OptimizerConfig, RunConfig
+from critbatch.config import OptimizerConfig, RunConfig, Sampling
 from critbatch.cuda_graphs import WARMUP_CALLS, use_cuda_graphs
 from critbatch.gns import noise_micro_batches
 from critbatch.optimizers import make_optimizer
-from critbatch.packed import PackedStep, packable
+from critbatch.batches import Batches
+from critbatch.packed import packable
+from critbatch.steps import compute_gradients, make_step
 from critbatch.tasks import build_task
-from critbatch.train import Batches, PlainStep, compute_gradients
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # sweeps.schema (the packing defaults), also from a plain checkout
@@ -95,7 +96,7 @@ def eager_loop(task, batch_size, steps, device):
     torch.manual_seed(0)
     model = task.make_model().to(device).train()
     optimizer = make_optimizer(model.parameters(), OPTIMIZER)
-    batches = Batches(task, batch_size, "with_replacement", 0, device)
+    batches = Batches(task, batch_size, Sampling.with_replacement, 0, device)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -110,7 +111,7 @@ def eager_loop(task, batch_size, steps, device):
 def run_steps(step_fn, task, batch_size, steps, device, measure_every) -> float:
     """Seconds per call of step_fn(x, y, measure) (a PlainStep or PackedStep), timed after its
     graphs (if any) are captured."""
-    batches = Batches(task, batch_size, "with_replacement", 0, device)
+    batches = Batches(task, batch_size, Sampling.with_replacement, 0, device)
     for step in range(2 * (WARMUP_CALLS + 1)):  # let both graphs (plain, measuring) be captured first
         step_fn(*batches.next(), bool(measure_every) and step % 2 == 0)
     synchronize(device)
@@ -131,8 +132,8 @@ def plain_loop(task, config: RunConfig, steps, device, measure=False):
     """Seconds per step of critbatch's plain loop; with `measure`, every noise_scale.every-th step
     also measures B_simple."""
     torch.manual_seed(0)
-    step_fn = PlainStep(config, task, device, micro_batches(config),
-                        use_cuda_graphs(config.cuda_graphs, device, config.batch_size))
+    step_fn = make_step([config], task, device, micro_batches(config), packed=False,
+                        graphs=use_cuda_graphs(config.cuda_graphs, device, config.batch_size))
     return run_steps(step_fn, task, config.batch_size, steps, device, config.noise_scale.every if measure else 0)
 
 
@@ -142,8 +143,8 @@ def packed_loop(task, config: RunConfig, steps, device, members, measure=False):
     torch.manual_seed(0)
     configs = [dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, lr=float(lr)))
                for lr in torch.logspace(-4, -2, members)]
-    step_fn = PackedStep(configs, task, device, micro_batches(config),
-                         use_cuda_graphs(config.cuda_graphs, device, config.batch_size))
+    step_fn = make_step(configs, task, device, micro_batches(config), packed=True,
+                        graphs=use_cuda_graphs(config.cuda_graphs, device, config.batch_size))
     every = config.noise_scale.every if measure else 0
     return run_steps(step_fn, task, config.batch_size, steps, device, every) / members
 

@@ -3,7 +3,7 @@
     python scripts/bench_task_steps.py                      # CPU: B=64
     python scripts/bench_task_steps.py --device cuda        # B in 16, 64, 256, 4096
 
-A step is what critbatch.train does: compute_gradients (one forward and backward pass; with
+A step is what critbatch.steps does: compute_gradients (one forward and backward pass; with
 --micro-batches k also a measuring step, as on every noise_scale.every-th step: the one-pass
 micro-batch norms of critbatch.micro_grads, and for comparison k passes of B/k) and an SGD update. Times are the fastest (and the median) of --steps
 steps after --warmup steps, all variants taking turns (on a busy machine --threads 1 is steadier:
@@ -22,7 +22,8 @@ import torch
 
 from critbatch.tasks import build_task
 from critbatch.micro_grads import MicroBatchNorms
-from critbatch.train import compute_gradients, pick_device
+from critbatch.steps import compute_gradients
+from critbatch.train import pick_device
 
 TASKS = ("digits", "mnist", "fashion_mnist", "svhn", "cifar10")
 INPUT_SHAPES = {"digits": (64,)}  # the image tasks carry theirs as `input_shape`

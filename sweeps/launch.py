@@ -41,7 +41,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from critbatch import records
-from critbatch.config import ConfigError
+from critbatch.config import ConfigError, UnknownSetting
 from sweeps import cluster, schema
 from sweeps.grid import SweepError, check_data, check_overrides, expand, group_runs
 from sweeps.jobs import LOST, RUNNING_ELSEWHERE, packs, run_group, run_group_job
@@ -373,7 +373,7 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = ()) -> int
     command line's Hydra overrides (settings the grid would silently override are refused)."""
     try:
         cfg = schema.check(cfg)  # every key and type; defaults filled in
-    except ConfigError:
+    except UnknownSetting:
         check_overrides(cfg, overrides)  # +batch_size=64 and the like: name the key to use instead
         raise
     launcher = cfg["launcher"]

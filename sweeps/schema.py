@@ -160,11 +160,22 @@ def config_dir() -> str:
     raise FileNotFoundError(f"no Hydra config tree (config.yaml) in {here / 'conf'} or {here.parent / 'conf'}")
 
 
+TASK_OPTIONS = "task_options"
+
+
 def register() -> None:
-    """Store LaunchConfig in Hydra's ConfigStore (conf/config.yaml's defaults list names it)."""
+    """Store LaunchConfig in Hydra's ConfigStore (conf/config.yaml's defaults list names it), and
+    each registered task's options with their constructor defaults as `task_options/<task>`
+    (a task's yaml puts them under `task:`), so that `task.hidden=64` overrides an option whose
+    default lives in the task's code only."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=LaunchConfig)
+    from critbatch.tasks import TASKS, task_options
+
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=LaunchConfig)
+    for name in TASKS:
+        store.store(group=TASK_OPTIONS, name=name, node={"name": name, **to_plain_values(task_options(name))})
 
 
 def options(group: str) -> list[str]:

@@ -51,7 +51,7 @@ def parameters_at(config: dict, step: int) -> tuple[torch.nn.Module, object]:
     task = config.validate()
     training = Training([config], task, [RunBook(config, None)], packed=False)
     training.run()
-    return training.step_fn.model, task
+    return training.train_step.module(0), task
 
 
 # ---------------------------------------------------------------------------------------------

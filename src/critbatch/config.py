@@ -63,6 +63,10 @@ class ConfigError(ValueError):
     """A run setting that is wrong; the message names the field and the allowed values."""
 
 
+class UnknownSetting(ConfigError):
+    """A key that no settings dataclass has (a typo, or a setting in the wrong place)."""
+
+
 @dataclass(frozen=True)
 class Range:
     """The values a number may take: low/high bounds (None: unbounded), open or closed."""
@@ -191,7 +195,7 @@ class DivergenceConfig:
 @dataclass(frozen=True)
 class LogConfig:
     relative_interval: float = ranged(0.05, 0, 1)       # curve points at geometric steps this far apart (0: every step)
-    checkpoint_seconds: float = ranged(30.0, **POSITIVE)  # save the state and the partial record at most this often
+    checkpoint_seconds: float = ranged(30.0, 0)   # save the state and the partial record at most this often
 
 
 @dataclass(frozen=True)
@@ -335,7 +339,7 @@ def settings_from_dict(cls, values, prefix: str = ""):
     if unknown:
         near = {u: difflib.get_close_matches(u, list(hints), n=1, cutoff=0.6) for u in unknown}
         hint = "; ".join(f"{prefix}{u}: did you mean {prefix}{m[0]}?" for u, m in near.items() if m)
-        raise ConfigError(f"unknown setting(s) {[prefix + u for u in unknown]}" + (f" ({hint})" if hint else "")
+        raise UnknownSetting(f"unknown setting(s) {[prefix + u for u in unknown]}" + (f" ({hint})" if hint else "")
                           + f"; known: {[prefix + k for k in hints]}")
     ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(cls)}
     kwargs = {}
