@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from critbatch import records
 from critbatch.config import ConfigError
 from sweeps import cluster, schema
-from sweeps.grid import SweepError, check_data, check_overrides, expand, group_runs
+from sweeps.grid import SweepError, check_data, check_overrides, expand, group_runs, lr_grid_note
 from sweeps.jobs import LOST, RUNNING_ELSEWHERE, packs, run_group, run_group_job
 from sweeps.lease import read_lease
 from sweeps.status import PENDING, STALE, format_status, sweep_status
@@ -394,6 +394,9 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = ()) -> int
                         "the cluster")
         for note in notes or []:
             log.warning(f"note: {note}")
+    grid_note = lr_grid_note((cfg.get("sweep") or {}).get("lr") or {}, cfg["optimizer"])
+    if grid_note is not None:
+        getattr(log, grid_note[0])(grid_note[1])
     try:
         with sweep_lock(sweep_dir):
             previous = read_manifest(sweep_dir)

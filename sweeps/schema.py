@@ -36,11 +36,18 @@ class LrCentre:
 @dataclass
 class LrGrid:
     """The learning rates tried at each batch size: `values` (a list, or a mapping batch size ->
-    list), else `count` values `factor` apart centred on `centre`."""
+    list, taken as given), else `count` values `factor` apart centred on `centre`.
+
+    A centre suits one optimizer: `tuned_for` names it, and `centres` holds those of others by
+    name. Run with another optimizer, the grid takes its entry in `centres`, else a conversion
+    where one is exact enough (sgd <-> momentum: sweeps.grid.lr_centre), else the centre as it is,
+    and the launch warns before anything runs."""
     values: Any = None
     centre: LrCentre | None = None
     factor: float = 2.0
     count: int = 5
+    tuned_for: str | None = None                   # the optimizer `centre` was tuned for (null: unsaid)
+    centres: dict[str, LrCentre] | None = None     # other optimizers' centres, e.g. {adam: {...}}
 
 
 @dataclass

@@ -1,18 +1,22 @@
 """sweeps: grid expansion, validation before submission, local launch, relaunch, status."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from critbatch import records
-from sweeps.grid import SweepError, centred_lr, expand, group_runs, lr_grid
+from sweeps.grid import SweepError, centred_lr, expand, group_runs, lr_grid, lr_grid_note
 from sweeps.status import sweep_status
 from tests.helpers import REPO, SMALL, compose, launch, launch_here
 
@@ -48,6 +52,74 @@ def test_explicit_grids_per_batch_size():
     assert lr_grid(8, {"values": {8: [0.3], 16: [0.5]}}) == [0.3]
     with pytest.raises(SweepError, match="no entry for batch size 32"):
         lr_grid(32, {"values": {8: [0.3]}})
+
+
+def test_each_optimizer_gets_its_own_lr_centre():
+    lr = {"tuned_for": "sgd", "centre": {"eps_star": 3.0, "b_star": 200, "alpha": 1.0}, "factor": 2.0, "count": 3,
+          "centres": {"adam": {"eps_star": 0.03, "b_star": 512, "alpha": 0.5}}}
+    sgd = lr_grid(64, lr, {"name": "sgd"})
+    assert sgd[1] == pytest.approx(centred_lr(64, 3.0, 200, 1.0), rel=1e-5)
+    assert lr_grid_note(lr, {"name": "sgd"}) is None
+    # momentum m has no centre here: the same effective step lr/(1 - m)
+    for m in (0.9, 0.5):
+        assert lr_grid(64, lr, {"name": "momentum", "momentum": m}) == pytest.approx([x * (1 - m) for x in sgd], rel=1e-5)
+    level, note = lr_grid_note(lr, {"name": "momentum", "momentum": 0.9})
+    assert level == "info" and "sweep.lr.tuned_for=momentum" in note
+    # and back: a centre tuned for momentum serves SGD
+    back = {**lr, "tuned_for": "momentum"}
+    assert lr_grid(64, back, {"name": "sgd", "momentum": 0.9}) == pytest.approx([x * 10 for x in sgd], rel=1e-5)
+    # adam: its own centre, else the tuned one as it is, with a warning
+    assert lr_grid(64, lr, {"name": "adam"})[1] == pytest.approx(centred_lr(64, 0.03, 512, 0.5), rel=1e-5)
+    assert lr_grid_note(lr, {"name": "adam"}) is None
+    alone = {**lr, "centres": None}
+    assert lr_grid(64, alone, {"name": "adam"}) == sgd
+    level, warning = lr_grid_note(alone, {"name": "adam"})
+    assert level == "warning" and "tuned for sgd" in warning and "sweep.lr.tuned_for=adam" in warning
+    # explicit values are taken as given; a grid that does not say what it was tuned for, too
+    assert lr_grid(64, {**lr, "values": [0.1]}, {"name": "adam"}) == [0.1]
+    assert lr_grid_note({**lr, "values": [0.1]}, {"name": "adam"}) is None
+    assert lr_grid(64, {**lr, "tuned_for": None}, {"name": "adam"}) == sgd
+
+
+def test_the_default_task_has_a_centre_for_each_optimizer_it_ships():
+    grids = {name: expand(compose(f"optimizer={name}")) for name in ("sgd", "momentum", "adam")}
+    lrs = {name: {r.config["batch_size"]: sorted({x.config["optimizer"]["lr"] for x in runs
+                                                  if x.config["batch_size"] == r.config["batch_size"]})
+                  for r in runs} for name, runs in grids.items()}
+    for batch_size in (16, 1024):  # three different grids, none of them another optimizer's
+        assert len({tuple(lrs[name][batch_size]) for name in lrs}) == 3
+    assert max(lrs["momentum"][16]) < min(lrs["sgd"][16])      # momentum steps lr/(1 - 0.9) per unit gradient
+    assert max(lrs["adam"][1024]) < min(lrs["momentum"][1024])
+
+
+def test_a_grid_tuned_for_another_optimizer_is_warned_before_anything_runs(tmp_path, caplog):
+    sweep_dir = tmp_path / "sweep"
+    with caplog.at_level(logging.INFO):  # digits' grid was tuned for SGD and has no centre for Adam
+        code = launch_here(sweep_dir, *SMALL, "optimizer=adam", "sweep.batch_sizes=[16]", "sweep.lr.count=1",
+                           "budget.max_steps=3", "launcher.workers=1")
+    assert code == 0
+    said = [r.getMessage() for r in caplog.records]
+    warned = next(i for i, m in enumerate(said) if m.startswith("warning: sweep.lr.centre was tuned for sgd"))
+    started = next(i for i, m in enumerate(said) if "1 to run" in m)
+    assert warned < started
+
+
+@pytest.mark.slow
+def test_momentum_on_the_default_task_trains_on_a_grid_of_its_own(tmp_path):
+    """Before: momentum took SGD's grid and most runs diverged."""
+    sweep_dir = tmp_path / "sweep"
+    done = launch("optimizer=momentum", "sweep.batch_sizes=[16,1024]", "sweep.seeds=[0]", "goals.thresholds=[0.5,0.3]",
+                  "launcher.threads=1", f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+    frame = records.load_sweep(sweep_dir)
+    statuses = frame.groupby("run_id")["status"].first()
+    assert len(statuses) == 12 and (statuses == records.DIVERGED).sum() <= 1, statuses.value_counts()
+    from critbatch.tradeoff import best_runs
+
+    best = best_runs(frame)
+    best = best[best["goal_threshold"] == 0.3]
+    assert len(best) == 2 and best["reached"].all() and not best["lr_at_grid_edge"].any(), best
 
 
 def test_expand_gives_every_batch_size_lr_and_seed_once():
