@@ -30,8 +30,9 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from datetime import datetime
 from pathlib import Path
 
@@ -67,28 +68,53 @@ log = logging.getLogger(__name__)
 results = logging.getLogger("sweeps.results")  # the launch's outcome: stdout (and launch.log)
 
 
+def duration(seconds: float) -> str:
+    """45s, 12m05s, 3h20m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Progress:
-    """A one-line progress bar of runs finished out of the total, on stderr."""
+    """A one-line progress bar of runs finished out of the total, with the time left at the rate
+    of the runs this launch has finished so far, on stderr (safe to update from a thread). Not on
+    a terminal (a log file, a batch job's output): one log line each time the count changes."""
 
     def __init__(self, total: int, done: int = 0):
         self.total, self.done, self.start = total, done, time.time()
+        self.first = done  # complete before this launch: they tell nothing about the rate
         self._tty = sys.stderr.isatty()
         self._last = None
+        self._lock = threading.Lock()
         self.show()
 
+    def eta(self) -> float | None:
+        """Seconds left at the rate of the runs this launch has finished (None before the first)."""
+        finished = self.done - self.first
+        if finished <= 0:
+            return None
+        return (time.time() - self.start) / finished * (self.total - self.done)
+
     def show(self, done: int | None = None, note: str = "") -> None:
-        if done is not None:
-            self.done = done
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} runs "
-                f"{time.time() - self.start:5.0f}s {note}")
-        if self._tty:
-            sys.stderr.write("\r" + line.ljust(100))
-            sys.stderr.flush()
-        elif self.done != self._last:  # not a terminal: one log line per finished run
-            log.info(line)
-        self._last = self.done
+        with self._lock:
+            if done is not None:
+                self.done = max(self.done, min(done, self.total))
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            left = self.eta()
+            line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} runs "
+                    f"{duration(time.time() - self.start)}"
+                    + ("" if left is None or self.done == self.total else f", about {duration(left)} left")
+                    + (f"  {note}" if note else ""))
+            if self._tty:
+                sys.stderr.write("\r" + line.ljust(100))
+                sys.stderr.flush()
+            elif self.done != self._last:
+                log.info(line)
+                self._last = self.done
 
     def close(self) -> None:
         if self._tty:
@@ -97,24 +123,59 @@ class Progress:
 
 class FinishedRuns:
     """Counts the submitted runs whose record this launch has finished (failed included), plus
-    those complete before it; a poll re-reads only records not yet seen finished."""
+    those complete before it and those of jobs that have returned (`settle`). A poll re-reads only
+    the records that changed since it last looked."""
 
     def __init__(self, sweep_dir: Path, submitted, already_complete: int):
         self.paths = {run.name: records.run_dir(sweep_dir, run.config) / records.RECORD_FILE for run in submitted}
         self.done: set[str] = set()
         self.already_complete = already_complete
         self.since = time.time() - 1.0  # a record from an earlier launch (failed, partial) is not news
+        self._seen: dict[str, int] = {}  # run -> the record's mtime when last read
+        self._lock = threading.Lock()
+
+    def settle(self, runs) -> int:
+        """The runs of a job that has returned are done, whatever their record says."""
+        with self._lock:
+            self.done.update(run.name for run in runs)
+            return self.already_complete + len(self.done)
 
     def count(self) -> int:
-        for name, path in self.paths.items():
-            if name in self.done or not path.exists() or path.stat().st_mtime < self.since:
-                continue
-            try:
-                if records.read_record(path)["status"] in records.FINISHED_STATUSES:
-                    self.done.add(name)
-            except records.RecordError:
-                pass  # being replaced right now, or torn: look again at the next poll
-        return self.already_complete + len(self.done)
+        with self._lock:
+            for name, path in self.paths.items():
+                if name in self.done:
+                    continue
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                if stat.st_mtime < self.since or self._seen.get(name) == stat.st_mtime_ns:
+                    continue
+                try:
+                    if records.read_record(path)["status"] in records.FINISHED_STATUSES:
+                        self.done.add(name)
+                    self._seen[name] = stat.st_mtime_ns
+                except records.RecordError:
+                    pass  # being replaced right now, or torn: look again at the next poll
+            return self.already_complete + len(self.done)
+
+
+@contextlib.contextmanager
+def following(progress: Progress, finished: FinishedRuns, note: str = "", every: float = 1.0):
+    """Moves the progress bar from a thread, run by run, while the caller waits on its jobs."""
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(every):
+            progress.show(finished.count(), note=note)
+
+    thread = threading.Thread(target=poll, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -253,17 +314,21 @@ def local_workers(launcher: dict, groups) -> int:
 def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[dict]:
     """Every job on this machine: in this process one after another, or in `workers` processes of
     their own at once (jobs.run_group either way; SIGTERM and SIGINT reach the workers, which
-    checkpoint their runs)."""
+    checkpoint their runs). The progress bar moves as each run's record is finished."""
     workers = local_workers(launcher, groups)
+    finished = FinishedRuns(sweep_dir, [run for group in groups for run in group], progress.done)
     summaries = []
     if workers == 1:
         for group in groups:
-            progress.show(note=f"B={group[0].config['batch_size']}")
-            summaries += run_group(str(sweep_dir), [run.config for run in group], threads=launcher.get("threads"),
-                                   packing=packing)
-            progress.show(progress.done + len(group))
+            note = f"B={group[0].config['batch_size']}"
+            progress.show(note=note)
+            with following(progress, finished, note):
+                summaries += run_group(str(sweep_dir), [run.config for run in group],
+                                       threads=launcher.get("threads"), packing=packing)
+            progress.show(finished.settle(group))
         return summaries
     threads = launcher.get("threads") or 1
+    note = f"{workers} workers"
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(run_group, str(sweep_dir), [run.config for run in group], threads, packing): group
@@ -275,15 +340,19 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM,)}
         try:
-            progress.show(note=f"{workers} workers")
-            for future in as_completed(futures):
-                group = futures[future]
-                try:
-                    summaries += future.result()
-                except Exception as exc:  # a worker that died: its runs are failed or partial on disk
-                    summaries += [{"run": run.name, "status": "job failed", "error": f"{type(exc).__name__}: {exc}"}
-                                  for run in group]
-                progress.show(progress.done + len(group), note=f"{workers} workers")
+            progress.show(note=note)
+            running = set(futures)
+            while running:
+                done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    group = futures[future]
+                    try:
+                        summaries += future.result()
+                    except Exception as exc:  # a worker that died: its runs are failed or partial on disk
+                        summaries += [{"run": run.name, "status": "job failed",
+                                       "error": f"{type(exc).__name__}: {exc}"} for run in group]
+                    finished.settle(group)
+                progress.show(finished.count(), note=note)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -323,6 +392,8 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
     while not all(job.done() for job in jobs):
         progress.show(finished.count(), note=f"{sum(not j.done() for j in jobs)} job(s) left")
         time.sleep(2)
+    for group in groups:
+        finished.settle(group)
     progress.show(finished.count())
     for job, group in zip(jobs, groups):
         try:

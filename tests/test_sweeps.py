@@ -246,6 +246,33 @@ def test_bad_config_fails_fast_and_creates_nothing(tmp_path, override, message):
     assert not (sweep_dir / records.RUNS_DIR).exists() and not (sweep_dir / ".submitit").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, group_by", [(1, "all"), (2, "batch_size")])
+def test_progress_moves_run_by_run_with_the_time_left(tmp_path, workers, group_by):
+    """Before: the bar moved a job (all lrs of a batch size) at a time, without a time left."""
+    sweep_dir = tmp_path / "sweep"
+    # runs of a few seconds each: the budget ends them, the goal 0.001 is out of reach
+    result = launch(*SMALL, "goals.thresholds=[0.3,0.001]", "budget.max_steps=2500", f"launcher.workers={workers}",
+                    f"launcher.group_by={group_by}", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr
+    counts = {int(n) for n in re.findall(r"\] (\d)/4 runs", result.stderr)}
+    assert counts & {1, 3}, result.stderr  # a count no job boundary gives
+    assert 4 in counts and re.search(r"\d/4 runs \S+, about \S+ left", result.stderr), result.stderr
+
+
+def test_the_progress_bar_says_how_long_is_left(caplog):
+    from sweeps.launch import Progress
+
+    with caplog.at_level(logging.INFO):
+        progress = Progress(10, 2)  # 2 complete before: they say nothing about the rate
+        time.sleep(0.2)
+        progress.show(4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "2/10 runs" in lines[0] and "left" not in lines[0]
+    left = re.search(r"4/10 runs \S+, about (\d+)s left", lines[-1])
+    assert left and 0 < int(left.group(1)) <= 3  # 2 runs took 0.2 s: 6 more take about 0.6 s
+
+
 def test_status_command(tmp_path):
     sweep_dir = tmp_path / "sweep"
     assert launch(*SMALL, f"hydra.sweep.dir={sweep_dir}").returncode == 0
