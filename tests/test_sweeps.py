@@ -243,7 +243,19 @@ def test_bad_config_fails_fast_and_creates_nothing(tmp_path, override, message):
     assert result.returncode == 2
     assert message in result.stderr and "nothing was submitted" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (sweep_dir / records.RUNS_DIR).exists() and not (sweep_dir / ".submitit").exists()
+    assert not sweep_dir.exists()  # no folder, no .hydra, no launch.log
+
+
+@pytest.mark.slow
+def test_a_refused_launch_leaves_no_timestamped_folder(tmp_path):
+    root, here = tmp_path / "sweeps_out", tmp_path / "here"
+    here.mkdir()
+    for refused in (["+sweep.batch_sizs=[8]"],                                             # a setting
+                    ["task=mnist", "sweep=digits", f"paths.data_dir={tmp_path / 'no_data'}"]):  # missing data
+        result = launch(*SMALL, *refused, f"paths.sweep_root={root}", timeout=120, cwd=here)
+        assert result.returncode == 2 and "nothing was submitted" in result.stderr, result.stderr
+        assert not root.exists(), sorted(root.rglob("*"))
+        assert not any(here.iterdir())  # nor a log in the directory it was started from
 
 
 @pytest.mark.slow
@@ -360,26 +372,37 @@ def test_good_inputs_next_to_the_bad_ones_are_accepted():
         assert runs
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_sweep_directory_holds_one_sweep_definition(tmp_path):
     sweep_dir = tmp_path / "sweep"
     assert launch(*SMALL, f"hydra.sweep.dir={sweep_dir}").returncode == 0
     manifest = (sweep_dir / "sweep.json").read_bytes()
     assert json.loads(manifest)["variant"] == records.sweep_variant(expand(compose(*SMALL))[0].config)
     runs = sorted(p.name for p in (sweep_dir / records.RUNS_DIR).iterdir())
+    assert "max_steps: 400" in (sweep_dir / ".hydra" / "config.yaml").read_text()
+    before = snapshot(sweep_dir)
     shorter = [o for o in SMALL if not o.startswith("budget.")] + ["budget.max_steps=300"]
     refused = launch(*shorter, f"hydra.sweep.dir={sweep_dir}")
     assert refused.returncode == 2 and "nothing was submitted" in refused.stderr
     for words in ("budget.max_steps", "400", "300", "hydra.sweep.dir", "sweep.allow_new_variant=true"):
         assert words in refused.stderr
+    # not a byte changed: sweep.json, .hydra/ (its config is still the one the runs used), launch.log
+    assert snapshot(sweep_dir) == before
     assert (sweep_dir / "sweep.json").read_bytes() == manifest
     assert sorted(p.name for p in (sweep_dir / records.RUNS_DIR).iterdir()) == runs
     with pytest.raises(SweepError, match="task.hidden"):  # any identity-defining setting
         launch_here(sweep_dir, *SMALL, "task.hidden=64")
-    assert (sweep_dir / "sweep.json").read_bytes() == manifest
+    assert snapshot(sweep_dir) == before
     # Asked for explicitly, the directory takes the new variant; it never counts both.
     allowed = launch(*shorter, "sweep.allow_new_variant=true", f"hydra.sweep.dir={sweep_dir}")
     assert allowed.returncode == 0, allowed.stderr
     assert "4 already complete, 4 to run" not in allowed.stderr and "0 already complete, 4 to run" in allowed.stderr
+    assert "max_steps: 300" in (sweep_dir / ".hydra" / "config.yaml").read_text()  # the launch that ran
     assert sum(sweep_status(sweep_dir)["counts"].values()) == 4
     with pytest.warns(UserWarning, match="variant"):
         frame = records.load_sweep(sweep_dir)
