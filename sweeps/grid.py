@@ -97,10 +97,12 @@ def lr_grid(batch_size: int, lr: dict, optimizer: dict | None = None) -> list[fl
     centre, where = choice.centre, "sweep.lr.centre"
     if choice.source == "centres":
         where = f"sweep.lr.centres.{optimizer['name']}"
-    if centre is None:
+    if centre is None or (centre.get("eps_star") is None and centre.get("b_star") is None):
         raise SweepError("sweep.lr: give either values (a list, or a mapping batch size -> list) or "
                          "centre: {eps_star, b_star, alpha} with factor and count")
     for key in ("eps_star", "b_star", "alpha"):
+        if centre.get(key) is None:
+            raise SweepError(f"{where}.{key} is not set: the centre needs eps_star and b_star (alpha: 1 unless set)")
         if not isinstance(centre.get(key), (int, float)) or not math.isfinite(centre[key]) or centre[key] < 0:
             raise SweepError(f"{where}.{key}={centre.get(key)!r} must be a finite number >= 0")
     factor, count = lr["factor"], lr["count"]
@@ -114,14 +116,19 @@ def lr_grid(batch_size: int, lr: dict, optimizer: dict | None = None) -> list[fl
 
 def lr_grid_note(lr: dict, optimizer: dict) -> tuple[str, str] | None:
     """What the launch says about the lr grid's centre before anything runs, as (level, message):
-    a note where it was converted for another optimizer, a warning where it was tuned for another
-    optimizer and nothing converts it; None where it needs no word (explicit values, or a centre
-    for this optimizer)."""
+    a note where the optimizer takes a centre other than sweep.lr.centre (its own, or converted),
+    a warning where the centre was tuned for another optimizer and nothing converts it; None where
+    it needs no word (explicit values, or sweep.lr.centre tuned for this optimizer)."""
     if lr.get("values") is not None:
         return None
     choice = lr_centre(lr, optimizer)
     name, tuned = optimizer.get("name"), choice.tuned_for
     given = choice.centre or {}
+    if choice.source == "centres":
+        shown = ", ".join(f"{k}: {given[k]:g}" for k in ("eps_star", "b_star", "alpha"))
+        return ("info", f"note: sweep.lr.centre was tuned for {tuned}; {name} takes its own, "
+                f"sweep.lr.centres.{name} = {{{shown}}}. To use sweep.lr.centre instead, add "
+                f"sweep.lr.tuned_for={name}.")
     if choice.source == "converted":
         return ("info", f"note: sweep.lr.centre was tuned for {tuned}; {name} takes it with eps_star "
                 f"{given['eps_star']:g} instead of {lr['centre']['eps_star']:g}, for the same effective step "

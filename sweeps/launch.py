@@ -714,7 +714,8 @@ def explain_composition_error(exc: BaseException, overrides: list[str]) -> str:
         return _unknown_key(str(keyed.full_key), overrides)
     if isinstance(keyed, ValidationError):
         wanted = _schema_hint(str(keyed.full_key))
-        given = next((o.partition("=")[2] for o in overrides if _override_key(o) == keyed.full_key), None)
+        given = next((o.partition("=")[2] for o in reversed(overrides) if _override_key(o) == keyed.full_key),
+                     None)  # the last one: Hydra applies them in order
         if wanted is not None and given is not None:
             return f"{keyed.full_key}={given} must be {wanted}"
     return schema.composition_error(exc)
@@ -782,7 +783,8 @@ def _unknown_key(key: str, overrides: list[str]) -> str:
             if node.name in TASKS:
                 options = ["module", *task_options(str(node.name))]
                 if leaf in options:
-                    given = next((o.partition("=")[2] for o in overrides if _override_key(o) == key), "VALUE")
+                    given = next((o.partition("=")[2] for o in reversed(overrides) if _override_key(o) == key),
+                                 "VALUE")
                     return (f"{key} is an option of task {node.name!r} that its yaml does not set: add it "
                             f"with a leading +: '+{key}={given}'")
                 known += [o for o in options if o not in known]

@@ -70,7 +70,8 @@ def test_each_optimizer_gets_its_own_lr_centre():
     assert lr_grid(64, back, {"name": "sgd", "momentum": 0.9}) == pytest.approx([x * 10 for x in sgd], rel=1e-5)
     # adam: its own centre, else the tuned one as it is, with a warning
     assert lr_grid(64, lr, {"name": "adam"})[1] == pytest.approx(centred_lr(64, 0.03, 512, 0.5), rel=1e-5)
-    assert lr_grid_note(lr, {"name": "adam"}) is None
+    level, note = lr_grid_note(lr, {"name": "adam"})
+    assert level == "info" and "sweep.lr.centres.adam" in note and "sweep.lr.tuned_for=adam" in note
     alone = {**lr, "centres": None}
     assert lr_grid(64, alone, {"name": "adam"}) == sgd
     level, warning = lr_grid_note(alone, {"name": "adam"})
