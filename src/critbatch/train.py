@@ -36,7 +36,7 @@ from critbatch.gns import NoiseScale, micro_batch_sq_norms, noise_micro_batches
 from critbatch.micro_grads import MicroBatchNorms
 from critbatch.optimizers import make_optimizer
 from critbatch.monitor import GoalCrossings, NoiseMeasurements, RunBook, SmoothedMetrics, log_steps, stop_reason
-from critbatch.tasks import Task
+from critbatch.tasks import Task, check_fingerprint
 
 INIT_MAX_BATCHES = 200   # B_simple at initialisation: at most this many measuring batches
 MAX_SNAPSHOTS = 32       # parameter copies kept for the noise probe at goals
@@ -84,8 +84,7 @@ class Batches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.sampler is None:
             return self.task.sample(self.batch_size, self.generator)
-        index = self.sampler.next()
-        return self.task.inputs.index_select(0, index), self.task.targets.index_select(0, index)
+        return self.task.batch(self.sampler.next())
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(),
@@ -386,7 +385,7 @@ class Training:
         for book in self.books:
             book.started(initial_loss, initial_noise, device=str(device), path="packed" if packed else "plain",
                          packed_members=members, noise_micro_batches=self.k, cuda_graphs=graphs,
-                         noise_measurement=self.step_fn.noise_measurement,
+                         noise_measurement=self.step_fn.noise_measurement, task_fingerprint=task.fingerprint(),
                          setup_seconds=time.perf_counter() - setup_start)
 
     def run(self) -> None:
@@ -582,6 +581,7 @@ class Training:
         cuda = self.device.type == "cuda"
         return {
             "version": CHECKPOINT_VERSION, "members": [book.record["run_id"] for book in self.books],
+            "task_fingerprint": self.task.fingerprint(),
             "packed": self.packed,
             "step": self.step, "next_log": self.next_log, "next_eval": self.next_eval, "elapsed": self.elapsed,
             "last_evaluation": self.last_evaluation, "last_scheduled": self.last_scheduled,
@@ -658,6 +658,8 @@ def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None
         from critbatch.packed import check_packable
         check_packable(configs)
     task = configs[0].validate()
+    if state is not None:  # before any record is touched: parameters trained on other data are not resumed
+        check_fingerprint(task, state.get("task_fingerprint", {}), resume_dir / CHECKPOINT_FILE)
     books = [RunBook(c, d, guard=guard) for c, d in zip(configs, out_dirs)]  # guard: see RunBook.save
     checkpoint_dir = resume_dir or next((d for d in out_dirs if d is not None), None)
     try:
