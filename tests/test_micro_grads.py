@@ -19,6 +19,7 @@ from critbatch.micro_grads import (MicroBatchNorms, PositionalEmbedding, _conv, 
                                    _linear_sq_norm_without_shares)
 from critbatch.tasks import build_task
 from critbatch.tasks.models import CifarResNet
+from critbatch.tasks.text import Block, CharTransformer
 from critbatch.train import compute_gradients, train
 
 K = 4
@@ -234,6 +235,10 @@ TRANSFORMER_CASES = {  # name: (model, input kind)
     "embedding_padding_idx": (lambda: TokenModel(padding_idx=0), "ids"),
     "positional_embedding": (lambda: TokenModel(positions=LENGTH + 3), "ids"),
     "tied_embeddings": (lambda: TokenModel(tied=True, positions=LENGTH), "ids"),
+    "attention_block": (lambda: OverSequence(Block(8, 2, LENGTH)), "floats"),
+    "char_transformer": (lambda: CharTransformer(VOCAB, context=LENGTH, width=8, layers=2, heads=2), "ids"),
+    "char_transformer_untied": (lambda: CharTransformer(VOCAB, context=LENGTH, width=8, layers=1, heads=2,
+                                                        tie_embeddings=False), "ids"),
 }
 
 

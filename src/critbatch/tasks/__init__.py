@@ -252,3 +252,4 @@ def build_task(name: str, module: str | None = None, **options) -> Task:
 from critbatch.tasks import digits, synthetic  # noqa: E402,F401
 from critbatch.tasks import cifar10, mnist, svhn  # noqa: E402,F401
 from critbatch.tasks import mnist1d  # noqa: E402,F401
+from critbatch.tasks import text  # noqa: E402,F401
