@@ -240,3 +240,14 @@ def test_packed_members_equal_their_plain_twins(tmp_path):
             assert torch.allclose(torch.tensor(plain["curve"][key], dtype=torch.float64),
                                   torch.tensor(member["curve"][key], dtype=torch.float64),
                                   rtol=1e-4, atol=1e-6, equal_nan=True), key
+
+
+@pytest.mark.parametrize("preset", ["shakespeare_char_adam", "shakespeare_char_sgd"])
+def test_the_presets_stop_before_anything_runs_without_the_text(tmp_path, preset):
+    from sweeps.grid import check_data, expand
+    from tests.helpers import compose
+
+    runs = expand(compose(f"experiment={preset}", f"paths.data_dir={tmp_path}"))
+    assert {r.config["task"]["name"] for r in runs} == {"shakespeare_char"}
+    with pytest.raises(ConfigError, match=rf"scripts/download_data.py --data-dir {tmp_path} --datasets shakespeare_char"):
+        check_data(runs)
