@@ -386,7 +386,7 @@ class Training:
         for book in self.books:
             book.started(initial_loss, initial_noise, device=str(device), path="packed" if packed else "plain",
                          packed_members=members, noise_micro_batches=self.k, cuda_graphs=graphs,
-                         noise_measurement=self.step_fn.noise_measurement,
+                         noise_measurement=self.step_fn.noise_measurement, **task.fingerprint(),
                          setup_seconds=time.perf_counter() - setup_start)
 
     def run(self) -> None:

@@ -62,6 +62,12 @@ class Task:
     def check_data(self) -> None:
         """Raise DataMissingError (with the download command) if the data is not available."""
 
+    def fingerprint(self) -> dict:
+        """What the data this task trains on is, for the record's summary (e.g. {"dataset":
+        "mnist-5k", "dataset_size": 5000}): plain JSON values, known without loading, under keys
+        the summary does not use otherwise. {} when the task's name and options say it all."""
+        return {}
+
     def load(self, device: torch.device) -> None:
         """Load the training data onto `device`."""
 
