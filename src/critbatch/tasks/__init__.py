@@ -235,3 +235,4 @@ def build_task(name: str, module: str | None = None, **options) -> Task:
 from critbatch.tasks import digits, synthetic  # noqa: E402,F401
 from critbatch.tasks import cifar10, mnist, svhn  # noqa: E402,F401
 from critbatch.tasks import mnist1d  # noqa: E402,F401
+from critbatch.tasks import mnist_vae  # noqa: E402,F401
