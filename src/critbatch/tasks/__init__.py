@@ -86,9 +86,10 @@ class Task:
         raise NotImplementedError(f"task {self.name!r} has a finite dataset; index it instead")
 
     def fingerprint(self) -> dict:
-        """What a trained model is tied to beyond the task's options (e.g. a text's SHA-256 and its
-        vocabulary): kept in checkpoints and records, and a checkpoint whose fingerprint differs is
-        not resumed (check_fingerprint). Plain JSON values; {} for a task whose options say it all."""
+        """What the data is beyond the task's options (e.g. {"dataset": "mnist-5k"}, a text's SHA-256
+        and vocabulary), known without loading: the record's summary.data and the checkpoint keep
+        it, and a checkpoint whose fingerprint differs is not resumed (check_fingerprint). Plain
+        JSON values; {} for a task whose name and options say it all."""
         return {}
 
     @torch.no_grad()
@@ -253,3 +254,4 @@ from critbatch.tasks import digits, synthetic  # noqa: E402,F401
 from critbatch.tasks import cifar10, mnist, svhn  # noqa: E402,F401
 from critbatch.tasks import mnist1d  # noqa: E402,F401
 from critbatch.tasks import text  # noqa: E402,F401
+from critbatch.tasks import mnist_vae  # noqa: E402,F401
