@@ -51,7 +51,7 @@ from critbatch import records
 from critbatch.config import ConfigError, UnknownSetting
 from sweeps import cluster, schema
 from sweeps.grid import SweepError, check_data, check_overrides, expand, group_runs, lr_grid_note
-from sweeps.jobs import LOST, RUNNING_ELSEWHERE, packs, run_group, run_group_job
+from sweeps.jobs import LOST, RUNNING_ELSEWHERE, JobKilled, packs, run_group, run_group_job
 from sweeps.lease import read_lease
 from sweeps.status import PENDING, STALE, format_status, sweep_status
 
@@ -346,15 +346,23 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
                 os.kill(process.pid, signum)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM,)}
+        interrupted = False
         try:
             progress.show(note=note)
             running = set(futures)
             while running:
-                done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                try:
+                    done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:  # Ctrl-C: the workers checkpoint at their next step boundary
+                    interrupted = True
+                    forward(signal.SIGINT, None)  # (a SIGINT sent to this process alone reaches them too)
+                    continue
                 for future in done:
                     group = futures[future]
                     try:
                         summaries += future.result()
+                    except JobKilled:
+                        interrupted = True
                     except Exception as exc:  # a worker that died: its runs are failed or partial on disk
                         summaries += [{"run": run.name, "status": "job failed",
                                        "error": f"{type(exc).__name__}: {exc}"} for run in group]
@@ -363,7 +371,13 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+    if interrupted:
+        raise LaunchInterrupted("SIGINT")
     return summaries
+
+
+class LaunchInterrupted(Exception):
+    """Ctrl-C (or SIGTERM) stopped a local launch; its runs are checkpointed."""
 
 
 class CannotRun(Exception):
@@ -531,6 +545,15 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = (), on_acc
             progress.close()
             log.error(f"error: {exc}")
             return 1
+        except (KeyboardInterrupt, JobKilled, LaunchInterrupted):
+            progress.close()
+            if launcher["name"] == "local":
+                stopped = sweep_status(sweep_dir)["counts"][records.INTERRUPTED]
+                log.error(f"interrupted: {stopped} run(s) stopped with their state saved; resume with: "
+                          f"{relaunch_command(overrides, sweep_dir)}")
+            else:
+                log.error(f"stopped waiting: the jobs go on. Follow them: {command('sweeps.status', sweep_dir)}")
+            return 130
         progress.close()
         if launcher["name"] != "local" and not launcher["wait"]:
             results.info(f"\nDetached. Check on it:   {command('sweeps.status', sweep_dir)}\n"

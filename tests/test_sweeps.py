@@ -18,7 +18,7 @@ import torch
 from critbatch import records
 from sweeps.grid import SweepError, centred_lr, expand, group_runs, lr_grid, lr_grid_note
 from sweeps.status import sweep_status
-from tests.helpers import REPO, SMALL, compose, launch, launch_here
+from tests.helpers import REPO, SMALL, compose, launch, launch_here, wait_for
 
 
 def base_cfg(**changes) -> dict:
@@ -484,3 +484,41 @@ def test_a_full_disk_mid_run(tmp_path):
                 record["status"] == records.FAILED and "No space left on device" in record["summary"]["error"])
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_with_one_line_and_a_relaunch_resumes(tmp_path, workers):
+    """Ctrl-C (SIGINT to the terminal's whole process group) ends the launch with one line that says
+    how to resume, no traceback; the runs it stopped are `interrupted` with their state saved, and
+    the relaunch it names resumes them to the end."""
+    import signal
+
+    sweep_dir = tmp_path / "sweep"
+    slow = ["task=digits", "sweep.batch_sizes=[16,32]", "sweep.lr.values=[0.05]", "sweep.seeds=[0]",
+            "goals.metric=train_loss", "goals.thresholds=[1e-9]", "divergence.stall_steps=0",
+            "budget.max_steps=5000", "log.checkpoint_seconds=0.5", "launcher.threads=1", f"launcher.workers={workers}",
+            "launcher.group_by=run",
+            f"hydra.sweep.dir={sweep_dir}"]
+    process = subprocess.Popen([sys.executable, "-m", "sweeps.launch", *slow], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: any(records.read_record(p)["summary"]["steps"] > 0 for p in sweep_dir.rglob(records.RECORD_FILE)),
+             120, "training to start")
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and "resume with:" in last and f"hydra.sweep.dir={sweep_dir}" in last, err
+    stopped = [p for p in sweep_dir.rglob(records.RECORD_FILE)
+               if records.read_record(p)["status"] == records.INTERRUPTED]
+    assert stopped and all((p.parent / "checkpoint.pt").exists() for p in stopped)
+    assert sweep_status(sweep_dir)["counts"][records.INTERRUPTED] == len(stopped)
+    steps = {p: records.read_record(p)["summary"]["steps"] for p in stopped}
+    resumed = launch(*slow, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    for path, at in steps.items():
+        record = records.read_record(path)
+        resumed_at = record["summary"]["resumed_at"]
+        assert record["status"] == records.BUDGET_EXHAUSTED and len(resumed_at) == 1 and resumed_at[0] >= at
+    assert max(steps.values()) > 0  # (a run stopped while it set up resumes from step 0)
