@@ -51,7 +51,7 @@ from critbatch import records
 from critbatch.config import ConfigError, UnknownSetting
 from sweeps import cluster, schema
 from sweeps.grid import SweepError, check_data, check_overrides, expand, group_runs, lr_grid_note
-from sweeps.jobs import LOST, RUNNING_ELSEWHERE, JobKilled, packs, run_group, run_group_job
+from sweeps.jobs import LOST, RUNNING_ELSEWHERE, JobKilled, Outcome, RunSummary, packs, run_group, run_group_job
 from sweeps.lease import read_lease
 from sweeps.status import PENDING, STALE, format_status, sweep_status
 
@@ -59,7 +59,7 @@ MANIFEST = records.SWEEP_FILE
 LOCK_FILE = ".sweep.lock"
 ALLOW_NEW_VARIANT = "sweep.allow_new_variant=true"
 # Summaries of runs that this launch saw fail, whatever their record on disk still says.
-FAILED_SUMMARIES = (records.FAILED, "job failed")
+FAILED_SUMMARIES = (records.FAILED, Outcome.job_failed)
 JOBS_FILE = "jobs.json"
 LOG_FILE = "launch.log"
 LAUNCHERS = ("local", "submitit_local", "slurm")
@@ -318,7 +318,7 @@ def local_workers(launcher: dict, groups) -> int:
     return max(1, min(workers or len(os.sched_getaffinity(0)), len(groups)))
 
 
-def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[dict]:
+def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[RunSummary]:
     """Every job on this machine: in this process one after another, or in `workers` processes of
     their own at once (jobs.run_group either way; SIGTERM and SIGINT reach the workers, which
     checkpoint their runs). The progress bar moves as each run's record is finished."""
@@ -364,8 +364,8 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
                     except JobKilled:
                         interrupted = True
                     except Exception as exc:  # a worker that died: its runs are failed or partial on disk
-                        summaries += [{"run": run.name, "status": "job failed",
-                                       "error": f"{type(exc).__name__}: {exc}"} for run in group]
+                        summaries += [RunSummary(run=run.name, status=Outcome.job_failed.value,
+                                                 error=f"{type(exc).__name__}: {exc}") for run in group]
                     finished.settle(group)
                 progress.show(finished.count(), note=note)
         finally:
@@ -384,7 +384,7 @@ class CannotRun(Exception):
     """Queued jobs that can never run as submitted; they were cancelled."""
 
 
-def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[dict]:
+def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, progress: Progress) -> list[RunSummary]:
     executor = make_executor(sweep_dir, launcher)
     configs = [[run.settings for run in group] for group in groups]
     try:
@@ -421,7 +421,7 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
             summaries += job.result()
         except Exception as exc:  # a killed or crashed job: its runs are failed or partial on disk
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            summaries += [{"run": run.name, "status": "job failed", "error": f"job {job.job_id}: {reason}"}
+            summaries += [RunSummary(run=run.name, status=Outcome.job_failed.value, error=f"job {job.job_id}: {reason}")
                           for run in group]
     return summaries
 
@@ -448,7 +448,7 @@ def allow_new_variant(cfg: dict) -> bool:
     return allow
 
 
-def final_status(sweep_dir: Path, summaries: list[dict]) -> dict:
+def final_status(sweep_dir: Path, summaries: list[RunSummary]) -> dict:
     """sweeps.status of the directory, where a run this launch saw fail counts as failed even if
     its record could not say so (a full disk leaves the last record it could write: running)."""
     status = sweep_status(sweep_dir)
