@@ -226,10 +226,12 @@ class RunConfig:
             return values
         if "task" in values and (not isinstance(values["task"], dict) or "name" not in values["task"]):
             raise ConfigError(f"task must be a mapping with a 'name' (a registered task), got {values['task']!r}")
+        from critbatch.tasks import task_options
+
         config = settings_from_dict(cls, dict(values))
         task = config.validate()
         # the task's defaults from its constructor, the one place they live: part of the identity
-        return dataclasses.replace(config, task={"name": task.name, **task_defaults(config.task), **config.task})
+        return dataclasses.replace(config, task={"name": task.name, **task_options(task.name), **config.task})
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain_values(dataclasses.asdict(self))
@@ -298,13 +300,6 @@ def check_auto_or_bool(name: str, value) -> None:
     """Settings that are on, off, or decided where the run happens (auto)."""
     if value not in (True, False, "auto"):
         raise ConfigError(f"{name}={value!r}; choose true, false or auto")
-
-
-def task_defaults(task: dict) -> dict:
-    """The options of task `task["name"]` that its constructor defaults (critbatch.tasks)."""
-    from critbatch.tasks import task_options
-
-    return task_options(task["name"])
 
 
 def curvature_unsupported(config: RunConfig, task: Task) -> str | None:
