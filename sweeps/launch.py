@@ -329,7 +329,7 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
         for group in groups:
             note = f"B={group[0].config['batch_size']}"
             progress.show(note=note)
-            with following(progress, finished, note):
+            with following(progress, finished, note, every=launcher.get("progress_seconds", 1.0)):
                 summaries += run_group(str(sweep_dir), [run.settings for run in group],
                                        threads=launcher.get("threads"), packing=packing)
             progress.show(finished.settle(group))
@@ -352,7 +352,7 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
             running = set(futures)
             while running:
                 try:
-                    done, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                    done, running = wait(running, timeout=launcher.get("progress_seconds", 1.0), return_when=FIRST_COMPLETED)
                 except KeyboardInterrupt:  # Ctrl-C: the workers checkpoint at their next step boundary
                     interrupted = True
                     forward(signal.SIGINT, None)  # (a SIGINT sent to this process alone reaches them too)

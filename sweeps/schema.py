@@ -72,6 +72,7 @@ class LauncherConfig:
     threads: int | None = None     # torch CPU threads per job; null: torch's default (local), cpus_per_task (others)
     workers: int = 1               # local: jobs run at once, each in a process of its own (0: one per CPU core)
     wait: bool = True              # submitit launchers: false submits and returns (then sweeps.status)
+    progress_seconds: float = 1.0  # local: how often the progress bar re-reads the runs' records
     timeout_min: int = 120         # per job (array task); a job that reaches it checkpoints its run and requeues:
     signal_delay_s: int = 90       #   SIGUSR2 this many seconds before the limit (SLURM may send it 60 s early)
     max_requeues: int = 3          #   at most this many times per job

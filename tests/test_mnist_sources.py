@@ -160,5 +160,5 @@ def test_the_record_names_the_dataset(tmp_path):
                goals={"metric": "clean_train_error", "thresholds": [0.5]},
                noise_scale={"probe_batch_size": 8, "probe_batches": 2, "hessian_every": 0}), tmp_path)
     summary = json.loads((tmp_path / "record.json").read_text())["summary"]
-    assert summary["dataset"] == "mnist-5k" and summary["dataset_size"] == 64
+    assert summary["data"] == {"dataset": "mnist-5k", "dataset_size": 64}
     assert summary["steps"] == 2 and summary["examples"] == 16  # the fingerprint overwrote nothing

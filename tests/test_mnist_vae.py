@@ -88,7 +88,7 @@ def test_training_on_the_shipped_digits_lowers_the_negative_elbo(tmp_path):
                     "goals": {"metric": "train_neg_elbo", "thresholds": [400, 250]}}, tmp_path)
     on_disk = json.loads((tmp_path / "record.json").read_text())
     assert record["status"] == on_disk["status"] == "completed"
-    assert on_disk["summary"]["dataset"] == "mnist-5k" and on_disk["summary"]["noise_measurement"] == "one pass"
+    assert on_disk["summary"]["data"]["dataset"] == "mnist-5k" and on_disk["summary"]["noise_measurement"] == "one pass"
     elbo = np.array(on_disk["curve"]["train_neg_elbo"], dtype=float)
     assert elbo[1] > 500 and elbo[-1] < 250  # from ~784 ln 2 = 543 nats per example at the start
     assert all(goal["reached"] and goal["b_simple"] > 0 for goal in on_disk["goals"])
