@@ -95,6 +95,7 @@ def test_packed_members_measure_what_their_plain_twins_measure():
     assert torch.allclose(small, small_1.expand(2), rtol=1e-4) and torch.allclose(big, big_1.expand(2), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_b_noise_probed_at_goals_is_the_exact_b_noise_there():
     """During training: the B_noise recorded at each goal (probed at the kept parameters nearest the
     crossing) against the closed form at those parameters, within 15%: the probes stop at a
@@ -184,6 +185,7 @@ def test_b_noise_path_average_is_the_exact_one_along_the_run(batch_size, lr, dra
     assert checked >= 3 and with_se >= 2
 
 
+@pytest.mark.slow
 def test_digits_b_noise_probed_at_goals_is_the_exact_one():
     """During a digits run: B_noise probed at each goal against B_noise from exact per-example
     gradients and exact full-batch Hessian-vector products over all 1797 examples at the same

@@ -16,6 +16,8 @@ from critbatch import records, tradeoff
 from tests.helpers import FIGURES, REPO, TABLES
 from tests.test_science import replay_stall
 
+pytestmark = pytest.mark.slow  # the default sweep: minutes on 2 cores
+
 
 @pytest.fixture(scope="module")
 def default_sweep(tmp_path_factory):

@@ -44,6 +44,7 @@ def test_linreg_line_search_matches_the_closed_form_b_noise():
     assert abs(search.fit.eps_max / eps_max - 1) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_digits_line_search_matches_exact_hessian_b_noise():
     task = build_task("digits", hidden=32)
     task.load("cpu")

@@ -335,7 +335,7 @@ def test_mlp_falls_far_short_of_the_cnn(standard_data):
 
 # ------------------------------------------------------------------ critbatch.train
 
-@pytest.mark.parametrize("model", ["cnn", "mlp"])
+@pytest.mark.parametrize("model", [pytest.param("cnn", marks=pytest.mark.slow), "mlp"])
 def test_training_steps_write_a_record(model, tmp_path):
     task = {"name": "mnist1d", "data_dir": str(tmp_path / "data"), "num_samples": SMALL, "model": model}
     record = train(dict(task=task, batch_size=8, budget={"max_steps": 3}, device="cpu"), tmp_path / "run")

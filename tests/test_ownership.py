@@ -219,6 +219,7 @@ def trainings(sweep_dir: Path) -> dict[str, int]:
             for run in (sweep_dir / records.RUNS_DIR).iterdir()}
 
 
+@pytest.mark.slow
 def test_three_concurrent_local_launches_train_each_run_once(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # one worker each: every run is trained in a launcher's own process, whose pid the record names

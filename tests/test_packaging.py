@@ -62,6 +62,7 @@ def run(python, *args, cwd, timeout=300):
     return subprocess.run([str(python), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_module_and_config_file(installed):
     wheel, _, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -71,6 +72,7 @@ def test_the_wheel_holds_every_module_and_config_file(installed):
     assert wanted <= names, sorted(wanted - names)
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_works_from_any_directory(installed):
     _, python, work = installed
     where = run(python, "-c", "import sweeps, critbatch; print(sweeps.__file__, critbatch.__file__)", cwd=work)

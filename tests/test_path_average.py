@@ -109,7 +109,8 @@ def test_the_run_book_path_rate_is_unbiased_with_gradients_drawn_from_a_known_no
     assert abs(mean - exact) < 3 * se and abs(mean - exact) < 0.05 * exact, (mean, se, exact)
 
 
-@pytest.mark.parametrize("batch_size, lr, tolerance", [(32, 0.02, 0.25), (128, 0.03, 0.05)])
+@pytest.mark.parametrize("batch_size, lr, tolerance", [pytest.param(32, 0.02, 0.25, marks=pytest.mark.slow),
+                                                       (128, 0.03, 0.05)])
 def test_b_simple_path_average_is_the_exact_one_along_real_runs(batch_size, lr, tolerance):
     """Inside real linreg runs, measured every step, at every goal: the ideal steps behind
     B_simple's path average against the exact ones along each run's own trajectory (replayed in

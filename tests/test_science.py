@@ -28,6 +28,8 @@ from critbatch.train import Training
 from tests.reference.exact_noise import exact_gradient_statistics
 from tests.reference.linreg_dynamics import exact_b_crit, linreg_problem
 
+pytestmark = pytest.mark.slow  # two sweeps, each minutes on 2 cores
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -72,6 +72,7 @@ def goal_steps(sweep_dir) -> dict[str, list]:
     return out
 
 
+@pytest.mark.slow
 def test_an_mnist1d_sweep_on_slurm_matches_the_same_sweep_run_here(tmp_path):
     # the default task on real (generated) data, as a job array, against the same grid run locally
     grid = ["task=mnist1d", "sweep.batch_sizes=[32,128]", "sweep.lr.count=2", "sweep.seeds=[0]",
@@ -87,6 +88,7 @@ def test_an_mnist1d_sweep_on_slurm_matches_the_same_sweep_run_here(tmp_path):
     assert any(reached for goals, _, _ in slurm_steps.values() for _, reached, _ in goals)  # not vacuous
 
 
+@pytest.mark.slow
 def test_cancelled_job_checkpoints_its_run_and_a_relaunch_resumes_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # One slow run (B=8, an unreachable goal, 30k steps) that we cancel while it trains.
@@ -118,6 +120,7 @@ def test_cancelled_job_checkpoints_its_run_and_a_relaunch_resumes_it(tmp_path):
     assert len(record["summary"]["resumed_at"]) == 1 and record["summary"]["resumed_at"][0] >= stopped_at > 0
 
 
+@pytest.mark.slow
 def test_the_signal_before_a_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     """SLURM warns a job signal_delay_s before its time limit with SIGUSR2 (submitit asks for it
     with --signal=USR2@...): the run being trained is checkpointed, the job requeues itself and the
@@ -167,6 +170,7 @@ def test_bad_config_submits_nothing(tmp_path):
     assert sacct_job_count() == before
 
 
+@pytest.mark.slow
 def test_three_concurrent_slurm_launches_train_each_run_once(tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "-m", "sweeps.launch", *SMALL, *SLURM, f"hydra.sweep.dir={sweep_dir}"]

@@ -176,6 +176,7 @@ def test_default_launch_writes_records_and_relaunch_skips_them(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_jobs_as_subprocesses(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = launch(*[o for o in SMALL if not o.startswith("launcher.")], "launcher=submitit_local",
@@ -188,6 +189,7 @@ def test_submitit_local_launcher_runs_jobs_as_subprocesses(tmp_path):
     assert len(pids) == 2 and os.getpid() not in pids
 
 
+@pytest.mark.slow
 def test_relaunch_reruns_failed_partial_and_corrupt_runs(tmp_path):
     from sweeps import lease as leases
 
@@ -382,6 +384,7 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_sweep_directory_holds_one_sweep_definition(tmp_path):
     sweep_dir = tmp_path / "sweep"
     assert launch(*SMALL, f"hydra.sweep.dir={sweep_dir}").returncode == 0
