@@ -38,8 +38,9 @@ from critbatch.tasks import Task, TaskError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # 4: the step's state as critbatch.steps keeps it, the books' typed goals and summary, the data's
-# fingerprint. A checkpoint of another version is not resumed: the run starts afresh.
-CHECKPOINT_VERSION = 4
+# fingerprint; 5: the path averages keep each measurement's own noise. A checkpoint of another
+# version is not resumed: the run starts afresh.
+CHECKPOINT_VERSION = 5
 # B_simple (and B_noise) at initialisation, measured once per process for every run that starts
 # from the same parameters (same task, seed and probe settings)
 _INITIAL_NOISE: dict[str, dict] = {}
@@ -183,7 +184,8 @@ class Training:
             x, y = self.batches.next()
             measure = self.k > 1 and self.noise.due(self.step)
             if measure and self.curvature_due():
-                self.curvature.add(*self.curvature_forms(x, y), self.step)  # before the update
+                small, big, form_cov = self.curvature_forms(x, y)  # before the update
+                self.curvature.add(small, big, self.step, form_cov)
                 self.last_curvature = self.step
             metrics, norms = self.train_step(x, y, measure)
             if measure:
@@ -205,14 +207,23 @@ class Training:
         raise Interrupted(f"{signal_name} at step {self.step}; the state is saved in {self.checkpoint_path} and "
                           "a relaunch resumes from it")
 
-    def curvature_forms(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def curvature_forms(self, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """B_noise's two quadratic forms on the training batch, or averaged over hessian_draws
-        batches of their own (each pair is unbiased, so their mean is)."""
+        batches of their own (each pair is unbiased, so their mean is), with the covariance of
+        that mean [3, members] from the draws' spread (None from one draw): the path average
+        corrects its rates to second order with it (monitor.IdealSteps)."""
         if self.curvature_batches is None:
-            return self.train_step.curvature(x, y)
+            return (*self.train_step.curvature(x, y), None)
         draws = self.config.noise_scale.hessian_draws
-        forms = [self.train_step.curvature(*self.curvature_batches.next()) for _ in range(draws)]
-        return sum(f[0] for f in forms) / draws, sum(f[1] for f in forms) / draws
+        forms = [torch.stack(self.train_step.curvature(*self.curvature_batches.next())) for _ in range(draws)]
+        forms = torch.stack(forms)  # [draws, 2, members]
+        if draws == 1:
+            return forms[0, 0], forms[0, 1], None
+        mean = forms.mean(0)
+        small, big = (forms - mean).unbind(1)
+        # the mean's covariance: the draws' sample covariance over their number
+        form_cov = torch.stack([small * small, big * big, small * big]).sum(1) / ((draws - 1) * draws)
+        return mean[0], mean[1], form_cov
 
     def curvature_due(self) -> bool:
         ns = self.config.noise_scale
