@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from critbatch import records
+from critbatch.branches import states_pending
 from critbatch.config import RunConfig
 from critbatch.curvature import CURVATURE_FIELDS, curvature_state
 from critbatch.gns import NoiseScale, ProgressWindow, unbiased_estimates_covariance
@@ -466,7 +467,8 @@ class RunBook:
         columns = {name: value for name, value in dataclasses.asdict(point).items() if not name.endswith("_resolved")}
         for key, value in {**columns, **metrics}.items():
             self.curve.setdefault(key, []).append(value)
-        self.note(steps=step, examples=step * B, wall_time=now)
+        self.note(steps=step, examples=step * B, wall_time=now, noise_measurements=len(self.ideal.steps),
+                  curvature_measurements=len(self.ideal_noise.steps))
 
     def goal_noise(self, index: int, state: dict, probed_at: int) -> None:
         """The noise scales at goal `index`, probed at the parameters after `probed_at` updates.
@@ -540,7 +542,8 @@ def stop_reason(book: RunBook, step: int, now: float, goal_key: str = "train_los
     if step > 0 and train_loss > config.divergence.loss_ratio * book.initial_loss:
         return records.DIVERGED, (f"smoothed training loss {train_loss:.4g} exceeds "
                                   f"{config.divergence.loss_ratio} x the initial {book.initial_loss:.4g}")
-    if all(goal.reached for goal in book.goals):
+    # a branch trains for its window whatever goals it meets; a trunk until its last state is saved
+    if all(goal.reached for goal in book.goals) and config.branch is None and not states_pending(config, step):
         return records.COMPLETED, "every goal reached"
     div = config.divergence
     if stalled(book.curve, sorted({"train_loss", goal_key}), step, div.stall_steps, div.stall_improvement):

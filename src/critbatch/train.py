@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import math
 import signal
@@ -26,6 +27,7 @@ import torch
 
 from critbatch import records
 from critbatch.batches import Batches
+from critbatch.branches import finish_branch, keep_trunk_states, pending_state_step, start_from_trunk
 from critbatch.config import SEED_OFFSETS, ConfigError, Device, RunConfig, Sampling, curvature_unsupported
 from critbatch.cuda_graphs import use_cuda_graphs
 from critbatch.curvature import curvature_batch_sizes, curvature_state
@@ -143,6 +145,8 @@ class Training:
         if resume is not None:
             self.load_state_dict(resume)
         else:
+            if config.branch is not None:  # a branch run starts where its trunk was
+                start_from_trunk(self)
             self._measure_start(packed, graphs, setup_start)
         self.log_schedule = log_steps(config.log.relative_interval, start=self.next_log)
         self.eval_schedule = log_steps(smoothing.eval_relative_interval, start=self.next_eval) \
@@ -270,9 +274,11 @@ class Training:
                 book.note(cuda_graphs=False, cuda_graph_failure=self.train_step.failure)
             book.log(step, now, {**metrics, **self.latest_evaluation[i], **smoothed_eval[i]}, crossed[i])
         self.probe_goals(newly, crossed)
+        keep_trunk_states(self, newly)
         for book in self.books:
             outcome = stop_reason(book, step, now, self.goal_key)
             if outcome is not None:
+                finish_branch(self, book)
                 book.finish(*outcome)
             else:
                 book.save_now_and_then()
@@ -287,6 +293,9 @@ class Training:
                 self.snapshots = [(at, {name: v[members] for name, v in snap.items()}) for at, snap in self.snapshots]
         while self.next_log <= step:
             self.next_log = next(self.log_schedule)
+        if pending_state_step(self.config, step) < self.next_log:  # a trunk's state is due before: log there too
+            self.log_schedule = itertools.chain([self.next_log], self.log_schedule)
+            self.next_log = int(pending_state_step(self.config, step))
         if keep and time.perf_counter() - self._last_checkpoint > self.config.log.checkpoint_seconds:
             self.save_checkpoint()
         return bool(keep)
@@ -294,7 +303,7 @@ class Training:
     def _initial_noise(self) -> dict:
         """B_simple (and B_noise) at initialisation, for the summary."""
         config, ns = self.config, self.config.noise_scale
-        key = json.dumps([config.task, config.seed, dataclasses.asdict(ns), self.k,
+        key = json.dumps([config.task, config.seed, config.branch, dataclasses.asdict(ns), self.k,
                           max(config.batch_size, ns.probe_batch_size), str(self.device)],
                          sort_keys=True, default=str)
         if key not in _INITIAL_NOISE:
