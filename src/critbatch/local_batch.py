@@ -68,48 +68,54 @@ def load_branch_sweep(sweep_dir: str | Path) -> tuple[dict, pd.DataFrame]:
     return trunk, frame.reset_index(drop=True)
 
 
-def _within(losses_by_multiplier: dict[int, float], start_loss: float, tolerance: float) -> int:
+def _within(losses: dict[int, np.ndarray], start_loss: float, tolerance: float) -> np.ndarray:
     """The largest multiplier k whose loss is at most the k = 1 loss plus `tolerance` x the k = 1
-    branch's progress from `start_loss` (the smallest multiplier stands for k = 1). Any k, not only
-    the first ones in a row: one noisy small multiplier must not decide it."""
-    ks = sorted(losses_by_multiplier)
-    reference = losses_by_multiplier[ks[0]]
+    branch's progress from `start_loss` (the smallest multiplier stands for k = 1); `losses`: per
+    multiplier, one loss per resample (an array), so all resamples are judged at once. Any k, not
+    only the first ones in a row: one noisy small multiplier must not decide it."""
+    ks = sorted(losses)
+    reference = losses[ks[0]]
     allowed = reference + tolerance * (start_loss - reference)
-    return max(k for k in ks if k == ks[0] or losses_by_multiplier[k] <= allowed)
+    largest = np.full(np.shape(reference), ks[0])
+    for k in ks[1:]:
+        largest = np.where(losses[k] <= allowed, k, largest)
+    return largest
 
 
-def _best_lr_means(cells: dict[tuple[int, float], np.ndarray]) -> dict[int, float]:
-    """Per multiplier, the lowest mean loss over its lrs (a diverged seed makes a mean inf)."""
-    best: dict[int, float] = {}
+def _best_lr_means(cells: dict[tuple[int, float], np.ndarray]) -> dict[int, np.ndarray]:
+    """Per multiplier, the lowest mean loss over its lrs (a diverged seed makes a mean inf); each
+    cell's losses are [..., seeds] and the mean is over the last axis."""
+    best: dict[int, np.ndarray] = {}
     for (k, _), losses in cells.items():
-        mean = float(np.mean(losses)) if len(losses) else math.inf
-        best[k] = min(best.get(k, math.inf), mean)
+        with np.errstate(invalid="ignore"):
+            mean = np.mean(losses, axis=-1)
+        mean = np.where(np.isnan(mean), np.inf, mean)
+        best[k] = np.minimum(best[k], mean) if k in best else mean
     return best
 
 
 def local_critical_batch(point: pd.DataFrame, trunk_batch_size: int, tolerance: float, n_bootstrap: int = 1000,
                          level: float = 0.95, seed: int = 0) -> dict:
     """The local critical batch at one branch point from its branches (rows of load_branch_sweep's
-    frame, all from one start_loss): the value, its bootstrap interval over the seeds (`low`, `high`: percentiles of
-    `level`), `saturated` (the largest multiplier stays within the tolerance: it is at least the
-    largest batch tried), `floor` (no larger multiplier does: at most B0), the best lr per multiplier
-    and the mean losses (`losses`, `lrs`: multiplier -> value)."""
+    frame, all from one start_loss): the value, its bootstrap interval over the seeds (`low`,
+    `high`: percentiles of `level`), `saturated` (the largest multiplier stays within the
+    tolerance: it is at least the largest batch tried), `floor` (no larger multiplier does: at most
+    B0), the best lr per multiplier and the mean losses (`losses`, `lrs`: multiplier -> value)."""
     cells = {key: group["loss"].to_numpy(dtype=float)
              for key, group in point.groupby(["multiplier", "lr"], sort=True)}
-    best = _best_lr_means(cells)
+    best = {k: float(v) for k, v in _best_lr_means(cells).items()}
     if not best or min(best) != 1:
         return {"b_local": math.nan, "low": math.nan, "high": math.nan, "saturated": False, "floor": False,
                 "losses": best, "lrs": {}, "n_seeds": 0}
     start = float(point["start_loss"].dropna().iloc[0]) if point["start_loss"].notna().any() else math.nan
-    k = _within(best, start, tolerance)
+    k = int(_within(best, start, tolerance))
     rng = np.random.default_rng(seed)
-    resampled = []
-    for _ in range(n_bootstrap):
-        draw = {key: rng.choice(losses, len(losses)) for key, losses in cells.items()}
-        resampled.append(_within(_best_lr_means(draw), start, tolerance))
-    low, high = np.quantile(np.log2(resampled), [(1 - level) / 2, (1 + level) / 2]) if resampled else (np.nan,) * 2
-    lrs = {m: min((lr for (kk, lr), losses in cells.items() if kk == m), key=lambda lr: np.mean(cells[(m, lr)]))
-           for m in best}
+    resampled = {key: losses[rng.integers(len(losses), size=(n_bootstrap, len(losses)))]
+                 for key, losses in cells.items()}
+    multipliers = _within(_best_lr_means(resampled), start, tolerance)
+    low, high = (np.quantile(np.log2(multipliers), [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+                 if n_bootstrap else (np.nan,) * 2)
+    lrs = {m: min((lr for (kk, lr) in cells if kk == m), key=lambda lr, m=m: np.mean(cells[(m, lr)])) for m in best}
     return {"b_local": k * trunk_batch_size, "low": trunk_batch_size * 2.0 ** low,
             "high": trunk_batch_size * 2.0 ** high, "saturated": k == max(best), "floor": k == min(best),
             "losses": best, "lrs": lrs, "n_seeds": int(point["seed"].nunique())}
