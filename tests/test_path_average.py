@@ -10,9 +10,8 @@ from scipy import integrate
 from critbatch.config import RunConfig
 from critbatch.gns import unbiased_estimates_covariance, unbiased_sq_norm_and_trace
 from critbatch.monitor import IdealSteps, RunBook, stalled
-from critbatch.tradeoff import MAX_PATH_RELATIVE_SE
-from critbatch.train import Training, train
-from tests.helpers import exact_ideal_steps
+from critbatch.train import train
+from tests.helpers import NOISY_LINREG, b_noise_path_ratios, exact_ideal_steps
 
 
 def feed(ideal: IdealSteps, b_noise, steps, trace=5.0):
@@ -222,13 +221,6 @@ def test_without_a_noise_of_its_own_a_measurement_keeps_the_first_order_rate():
     assert unknown.at(299) == plain.at(299)
 
 
-NOISY_LINREG = {"task": {"name": "linreg", "dim": 64, "target_scale": 10.0}, "device": "cpu",
-                "smoothing": {"min_examples": 64},
-                "goals": {"metric": "exact_excess_loss", "thresholds": [0.3, 0.1, 0.03]},
-                "noise_scale": {"every": 1, "hessian_every": 1, "hessian_micro_batch": 128, "hessian_draws": 20,
-                                "probe_batches": 0}}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size, lr, seeds", [(16, 0.3, 4), (64, 0.6, 6)])
 def test_b_noise_path_average_is_the_exact_one_in_noisy_runs(batch_size, lr, seeds):
@@ -239,27 +231,8 @@ def test_b_noise_path_average_is_the_exact_one_in_noisy_runs(batch_size, lr, see
     them) are, over the seeds, within 10% and 3 standard errors of the exact averages along the
     same trajectories. The first-order rate, from the same measurements, misses by more than 10%
     at one goal at least."""
-    online, first = {}, {}
-    for seed in range(seeds):
-        config = {**NOISY_LINREG, "batch_size": batch_size, "seed": seed, "optimizer": {"name": "sgd", "lr": lr}}
-        run = RunConfig.from_dict(config)
-        book = RunBook(run, None)
-        Training([run], run.validate(), [book], packed=False).run()
-        exact = exact_ideal_steps(config, book.summary.steps, "b_noise")
-        measured = book.ideal_noise
-        for goal in book.goals:
-            if not goal.reached or goal.censored or goal.step < 20:
-                continue
-            if not goal.b_noise_path_se <= MAX_PATH_RELATIVE_SE * goal.b_noise_path:
-                continue
-            path = batch_size * (goal.step / np.interp(goal.step, np.arange(len(exact)), exact) - 1)
-            online.setdefault(goal.threshold, []).append(goal.b_noise_path / path)
-            # the first order from the measurements known when the goal was crossed
-            plain = IdealSteps(batch_size, run.noise_scale.relative_window, run.noise_scale.min_examples / batch_size)
-            for s, g, t, w in zip(measured.steps, measured.grad, measured.trace, measured.gaps):
-                if s <= goal.noise_center_step or s <= goal.step:
-                    plain.advance(s, g, t, w)
-            first.setdefault(goal.threshold, []).append(plain.path_average(goal.step) / path)
+    config = {**NOISY_LINREG, "batch_size": batch_size, "optimizer": {"name": "sgd", "lr": lr}}
+    online, first = b_noise_path_ratios(config, range(seeds))
     for threshold in online:
         print(f"B={batch_size} goal {threshold}: path average / exact over seeds {np.round(online[threshold], 3)}, "
               f"first order {np.round(first[threshold], 3)}")
