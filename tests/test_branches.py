@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -276,3 +277,13 @@ def test_branches_run_as_one_slurm_job_array(tmp_path):
     assert [len(entry["job_ids"]) for entry in jobs] == [1, 2]  # the trunk, then an array of two batch sizes
     trunk, branches = load_branch_sweep(tmp_path)
     assert len(branches) == 4 and branches["loss"].map(math.isfinite).all()
+
+
+def test_the_command_refuses_a_bad_setting_with_status_2(tmp_path):
+    """`python -m sweeps.branch` as typed: Hydra composes, the launch refuses, nothing is written."""
+    overrides = [o for o in DIGITS if not o.startswith("branches.window=")] + ["branches.window=100"]
+    done = subprocess.run([sys.executable, "-m", "sweeps.branch", *overrides,
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "branches.window=100" in done.stderr and "nothing was submitted" in done.stderr
+    assert not (tmp_path / "sweep" / "runs").exists()
