@@ -30,6 +30,19 @@ TABLES = ("steps_to_goal.csv", "steps_by_lr.csv", "best_runs.csv", "tradeoff_fit
 FIGURES = ("pareto_fronts", "noise_scales", "lr_vs_batch", "steps_heatmap", "training_curves")
 
 
+def wait_for(condition, timeout: float, what: str):
+    """The first truthy value of condition(), polled every half second; fails after `timeout` s."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def launch(*overrides: str, timeout: float = 300, cwd=REPO, python: str = sys.executable) -> subprocess.CompletedProcess:
     """`python -m sweeps.launch OVERRIDES` in a subprocess."""
     return subprocess.run([python, "-m", "sweeps.launch", *overrides], cwd=cwd,

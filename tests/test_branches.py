@@ -118,11 +118,17 @@ def changed(cfg: dict, key: str, value) -> dict:
     ("branches.trunk.batch_size", 0, "branches.trunk.batch_size"),
     ("branches.windo", 3, "branches.windo"),                      # a typo (+key=... on the command line)
     ("task.hidden", 0, "hidden"),                                 # the trunk, as a run
-    ("noise_scale.micro_batches", 64, "micro_batches"),           # every branch, as a run: k B0 = 16 < 64
+    # every branch, as a run: the trunk (B0 = 16) samples digits' 1797 examples without replacement, the
+    # branch at k = 128 (2048 examples a step) cannot
+    ({"sampling": "epoch_shuffle", "branches.multipliers": [1, 128], "branches.window": 2048}, None, "exceeds"),
 ])
 def test_bad_branch_settings_are_refused_before_anything_is_written(tmp_path, digits_cfg, key, value, field):
+    changes = key if isinstance(key, dict) else {key: value}
+    cfg = digits_cfg
+    for name, new in changes.items():
+        cfg = changed(cfg, name, new)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        launch(changed(digits_cfg, key, value), tmp_path / "sweep")
+        launch(cfg, tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists()
 
 
