@@ -24,33 +24,26 @@ analysis.local_batch SWEEP_DIR [--grid GRID_DIR]` measures the local critical ba
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
 from critbatch import records
 from critbatch.config import ConfigError, RunConfig, settings_from_dict, to_plain_values
 from critbatch.monitor import max_steps
-from sweeps import cluster, schema
-from sweeps.grid import RUN_KEYS, Run, SweepError, check_data, check_goals, group_runs, warn_batch_sizes_above_dataset
-from sweeps.jobs import packs
-from sweeps.launch import (LAUNCHERS, CannotRun, Progress, check_local_device, command, launch_local, launch_submitit,
-                           sweep_lock)
-from sweeps.lease import read_lease
-from sweeps.status import format_status, sweep_status
+from sweeps import schema
+from sweeps.grid import RUN_KEYS, Run, SweepError, check_data, check_goals, warn_batch_sizes_above_dataset
+from sweeps.launch import (allow_new_variant, check_launcher, check_placement, command, command_line, read_manifest,
+                           relaunch_command, report, results, sweep_lock, train_pending)
 
 log = logging.getLogger(__name__)
 SCHEMA_NAME = "critbatch_branch_schema"
 KIND = "branch"
+MULTIRUN_REFUSED = ("-m/--multirun is not supported: one branch sweep (a trunk and its branches) per launch; "
+                    "launch once per trunk, each into its own hydra.sweep.dir. Nothing was run.")
 LR_RULES = {"none": lambda k: 1.0, "linear": lambda k: float(k), "sqrt": lambda k: math.sqrt(k)}
 
 
@@ -102,17 +95,8 @@ def register() -> None:
 
 def compose(overrides=()) -> dict:
     """The config `python -m sweeps.branch OVERRIDES` composes, as plain values (for tests)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     register()
-    try:
-        with initialize_config_dir(config_dir=schema.config_dir(), version_base="1.3"):
-            cfg = hydra_compose("branch", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(schema.composition_error(exc)) from None
-    return schema.to_plain(cfg)
+    return schema.compose(overrides, config_name="branch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,16 +214,6 @@ def plan(cfg: dict) -> BranchPlan:
 # The launch
 
 
-def read_manifest(sweep_dir: Path) -> dict | None:
-    try:
-        return json.loads((sweep_dir / records.SWEEP_FILE).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise SweepError(f"{sweep_dir / records.SWEEP_FILE} is unreadable ({exc}); launch into a new "
-                         "hydra.sweep.dir") from exc
-
-
 def check_directory(sweep_dir: Path, manifest: dict | None, trunk: Run, allow: bool) -> None:
     """A directory holds one branch sweep, of one trunk: another trunk (other settings) is refused."""
     if manifest is None or allow:
@@ -265,51 +239,36 @@ def write_manifest(sweep_dir: Path, cfg: dict, branch_plan: BranchPlan, runs: li
     records.write_record(sweep_dir / records.SWEEP_FILE, manifest)
 
 
-def _run(sweep_dir: Path, runs: list[Run], launcher: dict, packing: dict) -> tuple[list[dict], bool]:
-    """Train (or queue) the runs not complete and not owned elsewhere; (summaries, detached)."""
-    todo = [run for run in runs if not records.is_complete(records.run_dir(sweep_dir, run.config) / records.RECORD_FILE)
-            and not ((lease := read_lease(records.run_dir(sweep_dir, run.config))) is not None and lease.live)]
-    log.info(f"{len(runs)} run(s): {len(runs) - len(todo)} complete or running elsewhere, {len(todo)} to run")
-    if not todo:
-        return [], False
-    groups = group_runs(todo, launcher["group_by"])
-    progress = Progress(len(runs), len(runs) - len(todo))
-    try:
-        if launcher["name"] == "local":
-            summaries = launch_local(sweep_dir, groups, launcher, packing, progress)
-        else:
-            summaries = launch_submitit(sweep_dir, groups, launcher, packing, progress)
-    finally:
-        progress.close()
-    return summaries, launcher["name"] != "local" and not launcher["wait"]
-
-
-def launch(cfg: dict, sweep_dir: Path) -> int:
-    """Check everything, run the trunk, then its branches. Exit status as sweeps.launch's."""
+def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = (), on_accepted=None) -> int:
+    """Check everything, run the trunk, then its branches. Exit status as sweeps.launch's.
+    Nothing is written before every check has passed; then `on_accepted()` is called (the
+    command line's: SWEEP_DIR/.hydra and launch.log)."""
     cfg = to_plain_values(dataclasses.asdict(settings_from_dict(BranchLaunchConfig, cfg)))
     launcher = cfg["launcher"]
-    if launcher.get("name") not in LAUNCHERS:
-        raise SweepError(f"launcher.name={launcher.get('name')!r}; choose one of {LAUNCHERS}")
-    cluster.check_settings(launcher)
+    check_launcher(cfg)
     branch_plan = plan(cfg)
     check_data([branch_plan.trunk])
-    group_runs([], launcher["group_by"])
-    packs([], cfg.get("packing"))
-    check_local_device([branch_plan.trunk], launcher)
-    if launcher["name"] == "slurm":
-        for note in cluster.check_cluster(launcher) or []:
-            log.warning(f"note: {note}")
-    allow = bool((cfg.get("sweep") or {}).get("allow_new_variant", False))
-    with sweep_lock(sweep_dir):
-        check_directory(sweep_dir, read_manifest(sweep_dir), branch_plan.trunk, allow)
-        write_manifest(sweep_dir, cfg, branch_plan, [branch_plan.trunk], [])
-    trunk_path = records.run_dir(sweep_dir, branch_plan.trunk.config) / records.RECORD_FILE
+    check_placement(cfg, [branch_plan.trunk])
+    allow = allow_new_variant(cfg)
+    check_directory(sweep_dir, read_manifest(sweep_dir), branch_plan.trunk, allow)  # the directory is untouched
+    try:
+        with sweep_lock(sweep_dir):
+            check_directory(sweep_dir, read_manifest(sweep_dir), branch_plan.trunk, allow)  # again, under the lock
+            if on_accepted is not None:
+                on_accepted()
+            write_manifest(sweep_dir, cfg, branch_plan, [branch_plan.trunk], [])
+    except OSError as exc:  # e.g. the disk is full
+        raise SweepError(f"cannot write {sweep_dir / records.SWEEP_FILE}: {exc}") from exc
+    rerun = relaunch_command(overrides, sweep_dir, "sweeps.branch")
     log.info(f"trunk {branch_plan.trunk.name}")
-    summaries, detached = _run(sweep_dir, [branch_plan.trunk], launcher, cfg.get("packing"))
-    if detached:
-        print(f"\nThe trunk is queued. When it is done (python -m sweeps.status {sweep_dir}), run this command again "
-              "to queue its branches.")
+    trained = train_pending(sweep_dir, [branch_plan.trunk], launcher, cfg.get("packing"), rerun, "trunk of")
+    if trained.exit_code is not None:
+        return trained.exit_code
+    if trained.detached:
+        results.info(f"\nThe trunk is queued. When it is done ({command('sweeps.status', sweep_dir)}), run this "
+                     f"command again to queue its branches: {rerun}")
         return 0
+    trunk_path = records.run_dir(sweep_dir, branch_plan.trunk.config) / records.RECORD_FILE
     try:
         trunk_record = records.read_record(trunk_path)
     except records.RecordError as exc:
@@ -317,58 +276,19 @@ def launch(cfg: dict, sweep_dir: Path) -> int:
         return 1
     if not records.Status(trunk_record["status"]).complete:
         log.error(f"error: the trunk ended {trunk_record['status']} ({trunk_record['summary'].get('error') or ''}); "
-                  "nothing to branch from. Relaunch to retry it.")
+                  f"nothing to branch from. Relaunch to retry it: {rerun}")
         return 1
     points = branch_plan.branch_points(trunk_record)
     runs = [run for point in points for run in branch_plan.branches(point["step"])]
     with sweep_lock(sweep_dir):
         write_manifest(sweep_dir, cfg, branch_plan, [branch_plan.trunk] + runs, points)
     log.info(f"{len(points)} branch point(s) at trunk steps {[p['step'] for p in points]}: {len(runs)} branches")
-    summaries, detached = _run(sweep_dir, runs, launcher, cfg.get("packing"))
-    if detached:
-        print(f"\nDetached. Check on it:   python -m sweeps.status {sweep_dir}\n"
-              f"Collect when done:      {command('analysis.local_batch', sweep_dir)}")
-        return 0
-    print(format_status(sweep_status(sweep_dir)))
-    print(f"\nnext:    {command('analysis.local_batch', sweep_dir)}")
-    failed = [s for s in summaries if s["status"] in (records.FAILED, "job failed")]
-    for s in failed:
-        log.error(f"FAILED {s['run']}: {s.get('error', '')}")
-    return 1 if failed else 0
+    trained = train_pending(sweep_dir, runs, launcher, cfg.get("packing"), rerun, "branches of")
+    return report(sweep_dir, trained, command("analysis.local_batch", sweep_dir), rerun)
 
 
-_started = False
-
-
-@hydra.main(config_path=schema.config_dir(), config_name="branch", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    global _started
-    _started = True
-    sweep_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        code = launch(schema.to_plain(cfg), sweep_dir)
-    except ConfigError as exc:
-        log.error(f"error: {exc}\nnothing was submitted.")
-        sys.exit(2)
-    except CannotRun as exc:
-        log.error(f"error: {exc}")
-        sys.exit(1)
-    sys.exit(code)
-
-
-def main() -> None:
-    """`python -m sweeps.branch`. Exit status: 0 done, 1 some runs failed, 2 a setting was refused."""
-    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
-        print("error: -m/--multirun is not supported: one branch sweep per launch; nothing was run", file=sys.stderr)
-        sys.exit(2)
-    try:
-        _main()
-    except SystemExit as exc:
-        if exc.code == 1 and not _started:  # Hydra refused the config (it printed why)
-            print("nothing was submitted.", file=sys.stderr)
-            sys.exit(2)
-        raise
-
+#: `python -m sweeps.branch`. Exit status: 0 done, 1 some runs failed, 2 a setting was refused.
+main = command_line("branch", launch, MULTIRUN_REFUSED)
 
 register()
 

@@ -292,4 +292,4 @@ def test_the_command_refuses_a_bad_setting_with_status_2(tmp_path):
                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "branches.window=100" in done.stderr and "nothing was submitted" in done.stderr
-    assert not (tmp_path / "sweep" / "runs").exists()
+    assert not (tmp_path / "sweep").exists()  # no .hydra/, no launch.log either
