@@ -20,10 +20,11 @@ from critbatch import records
 from critbatch.branches import state_path
 from critbatch.config import ConfigError, RunConfig
 from critbatch.local_batch import load_branch_sweep, local_critical_batch, local_critical_batches
-from critbatch.train import Interrupt, Interrupted, train_pack
+from critbatch.train import Interrupted, train_pack
 from sweeps.branch import compose, launch, plan
 from sweeps.status import sweep_status
 from tests.reference.linreg_dynamics import expected_excess_loss, linreg_problem
+from tests.test_checkpoint import InterruptAt
 
 # the linreg preset (conf/branches/linreg_sgd.yaml) at the branch points whose window makes
 # progress well above the seeds' noise (later ones sit at SGD's noise floor)
@@ -171,23 +172,6 @@ def test_a_branch_sweep_trains_its_trunk_once_and_a_relaunch_skips_what_is_done(
     assert {p: p.stat().st_mtime for p in written} == written
     with pytest.raises(ConfigError, match="another trunk|holds the branches of trunk"):
         launch(compose([*DIGITS, "branches.trunk.lr=0.2"]), tmp_path)
-
-
-class InterruptAt(Interrupt):
-    """Asks training to stop at step `at`, as a signal (preemption) arriving then would."""
-
-    def __init__(self, at: int):
-        super().__init__()
-        self.at, self.looks = at, 0
-
-    @property
-    def requested(self):
-        self.looks += 1
-        return "SIGTERM" if self.looks > self.at else None
-
-    @requested.setter
-    def requested(self, value):
-        pass
 
 
 @pytest.mark.slow
