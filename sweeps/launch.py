@@ -26,6 +26,7 @@ them); the results go to stdout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import importlib
 import json
@@ -482,6 +483,79 @@ def check_modules(cfg: dict) -> None:
             raise SweepError(f"{section}.module={module!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclasses.dataclass
+class Trained:
+    """What train_pending did: the jobs' run summaries, the runs another launch or job owned, and
+    whether the launch is over already (exit_code: 1 the jobs could never run, 130 interrupted)
+    or left its jobs queued (detached)."""
+    summaries: list[RunSummary]
+    elsewhere: list
+    exit_code: int | None = None
+    detached: bool = False
+
+
+def train_pending(sweep_dir: Path, runs, launcher: dict, packing: dict | None, resume: str, what: str) -> Trained:
+    """Train (local) or queue (submitit launchers) those of `runs` whose records are not complete
+    and that no live launch or job owns. Ctrl-C stops a local launch at a step boundary with its
+    runs' states saved: one line says how many and the command that resumes them (`resume`)."""
+    pending = [run for run in runs
+               if not records.is_complete(records.run_dir(sweep_dir, run.config) / records.RECORD_FILE)]
+    elsewhere = [run for run in pending if (lease := read_lease(records.run_dir(sweep_dir, run.config)))
+                 is not None and lease.live]
+    todo = [run for run in pending if run not in elsewhere]
+    log.info(f"{what} {sweep_dir}: {len(runs)} runs, {len(runs) - len(pending)} already complete, "
+             + (f"{len(elsewhere)} running elsewhere (another launch or job owns them), " if elsewhere else "")
+             + f"{len(todo)} to run")
+    if not todo:
+        return Trained([], elsewhere)
+    groups = group_runs(todo, launcher["group_by"])
+    progress = Progress(len(runs), len(runs) - len(pending))
+    try:
+        if launcher["name"] == "local":
+            summaries = launch_local(sweep_dir, groups, launcher, packing, progress)
+        else:
+            summaries = launch_submitit(sweep_dir, groups, launcher, packing, progress)
+    except CannotRun as exc:
+        progress.close()
+        log.error(f"error: {exc}")
+        return Trained([], elsewhere, exit_code=1)
+    except (KeyboardInterrupt, JobKilled, LaunchInterrupted):
+        progress.close()
+        if launcher["name"] == "local":
+            stopped = sweep_status(sweep_dir)["counts"][records.INTERRUPTED]
+            log.error(f"interrupted: {stopped} run(s) stopped with their state saved; resume with: {resume}")
+        else:
+            log.error(f"stopped waiting: the jobs go on. Follow them: {command('sweeps.status', sweep_dir)}")
+        return Trained([], elsewhere, exit_code=130)
+    progress.close()
+    return Trained(summaries, elsewhere, detached=launcher["name"] != "local" and not launcher["wait"])
+
+
+def check_launcher(cfg: dict) -> None:
+    """The launcher's own settings, and the modules of a task or optimizer of the user's own."""
+    launcher = cfg["launcher"]
+    if launcher.get("name") not in LAUNCHERS:
+        raise SweepError(f"launcher.name={launcher.get('name')!r}; choose one of {LAUNCHERS}")
+    cluster.check_settings(launcher)
+    check_modules(cfg)
+
+
+def check_placement(cfg: dict, runs) -> None:
+    """Where `runs` will train, before any work: the grouping and packing settings, this machine's
+    device for a local launcher, the request against the cluster on SLURM (notes only)."""
+    launcher = cfg["launcher"]
+    group_runs(runs, launcher["group_by"])
+    packs([], cfg.get("packing"))
+    check_local_device(runs, launcher)
+    if launcher["name"] == "slurm":
+        notes = cluster.check_cluster(launcher)
+        if notes is None:
+            log.warning("note: sinfo did not answer: the partition, CPUs and memory were not checked against "
+                        "the cluster")
+        for note in notes or []:
+            log.warning(f"note: {note}")
+
+
 def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = (), on_accepted=None) -> int:
     """Check everything, write the plan, run or queue what is not complete. `overrides`: the
     command line's Hydra overrides (settings the grid would silently override are refused).
@@ -493,24 +567,12 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = (), on_acc
         check_overrides(cfg, overrides)  # +batch_size=64 and the like: name the key to use instead
         raise
     launcher = cfg["launcher"]
-    if launcher.get("name") not in LAUNCHERS:
-        raise SweepError(f"launcher.name={launcher.get('name')!r}; choose one of {LAUNCHERS}")
-    cluster.check_settings(launcher)
-    check_modules(cfg)
+    check_launcher(cfg)
     runs = expand(cfg)
     check_overrides(cfg, overrides)
     allow = allow_new_variant(cfg)
     check_data(runs)
-    group_runs(runs, launcher["group_by"])  # bad group_by or packing settings
-    packs([], cfg.get("packing"))                              # fail before any work
-    check_local_device(runs, launcher)
-    if launcher["name"] == "slurm":
-        notes = cluster.check_cluster(launcher)
-        if notes is None:
-            log.warning("note: sinfo did not answer: the partition, CPUs and memory were not checked against "
-                        "the cluster")
-        for note in notes or []:
-            log.warning(f"note: {note}")
+    check_placement(cfg, runs)
     check_variant(sweep_dir, read_manifest(sweep_dir), runs, allow)  # refused here, the directory is untouched
     grid_note = lr_grid_note((cfg.get("sweep") or {}).get("lr") or {}, cfg["optimizer"])
     if grid_note is not None:
@@ -524,53 +586,34 @@ def launch(cfg: dict, sweep_dir: Path, overrides: list[str] | tuple = (), on_acc
             write_manifest(sweep_dir, runs, cfg, previous)
     except OSError as exc:  # e.g. the disk is full
         raise SweepError(f"cannot write {sweep_dir / MANIFEST}: {exc}") from exc
-    pending = [run for run in runs
-               if not records.is_complete(records.run_dir(sweep_dir, run.config) / records.RECORD_FILE)]
-    elsewhere = [run for run in pending if (lease := read_lease(records.run_dir(sweep_dir, run.config)))
-                 is not None and lease.live]
-    todo = [run for run in pending if run not in elsewhere]
-    log.info(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(pending)} already complete, "
-             + (f"{len(elsewhere)} running elsewhere (another launch or job owns them), " if elsewhere else "")
-             + f"{len(todo)} to run")
-    summaries = []
-    if todo:
-        groups = group_runs(todo, launcher["group_by"])
-        progress = Progress(len(runs), len(runs) - len(pending))
-        try:
-            if launcher["name"] == "local":
-                summaries = launch_local(sweep_dir, groups, launcher, cfg.get("packing"), progress)
-            else:
-                summaries = launch_submitit(sweep_dir, groups, launcher, cfg.get("packing"), progress)
-        except CannotRun as exc:
-            progress.close()
-            log.error(f"error: {exc}")
-            return 1
-        except (KeyboardInterrupt, JobKilled, LaunchInterrupted):
-            progress.close()
-            if launcher["name"] == "local":
-                stopped = sweep_status(sweep_dir)["counts"][records.INTERRUPTED]
-                log.error(f"interrupted: {stopped} run(s) stopped with their state saved; resume with: "
-                          f"{relaunch_command(overrides, sweep_dir)}")
-            else:
-                log.error(f"stopped waiting: the jobs go on. Follow them: {command('sweeps.status', sweep_dir)}")
-            return 130
-        progress.close()
-        if launcher["name"] != "local" and not launcher["wait"]:
-            results.info(f"\nDetached. Check on it:   {command('sweeps.status', sweep_dir)}\n"
-                         f"Collect when done:      {command('analysis.pareto', sweep_dir)}\n"
-                         f"Rerun what failed:      {relaunch_command(overrides, sweep_dir)}")
-            return 0
+    rerun = relaunch_command(overrides, sweep_dir)
+    trained = train_pending(sweep_dir, runs, launcher, cfg.get("packing"), rerun, "sweep")
+    return report(sweep_dir, trained, command("analysis.pareto", sweep_dir), rerun)
+
+
+def report(sweep_dir: Path, trained: Trained, analysis: str, rerun: str) -> int:
+    """What a launch says once train_pending is done, and its exit status: the failed runs, the
+    sweep's status, what to run next (`analysis`, and `rerun` to retry what failed), or how to
+    follow jobs left queued."""
+    if trained.exit_code is not None:
+        return trained.exit_code
+    if trained.detached:
+        results.info(f"\nDetached. Check on it:   {command('sweeps.status', sweep_dir)}\n"
+                     f"Collect when done:      {analysis}\n"
+                     f"Rerun what failed:      {rerun}")
+        return 0
+    summaries = trained.summaries
     failed = [s for s in summaries if s["status"] in FAILED_SUMMARIES]
     for s in failed:
         log.error(f"FAILED {s['run']}: {s.get('error', '')}")
     owned = [s for s in summaries if s["status"] in (RUNNING_ELSEWHERE, LOST)]
     results.info(format_status(final_status(sweep_dir, summaries)))
-    results.info(f"\nrecords: {sweep_dir / records.RUNS_DIR}\nnext:    {command('analysis.pareto', sweep_dir)}")
-    if elsewhere or owned:
-        log.warning(f"{len(elsewhere) + len(owned)} run(s) running elsewhere (owned by another launch or job): "
+    results.info(f"\nrecords: {sweep_dir / records.RUNS_DIR}\nnext:    {analysis}")
+    if trained.elsewhere or owned:
+        log.warning(f"{len(trained.elsewhere) + len(owned)} run(s) running elsewhere (owned by another launch or job): "
                     f"{command('sweeps.status', sweep_dir)} follows them")
     if failed:
-        log.error(f"{len(failed)} run(s) failed; rerun them: {relaunch_command(overrides, sweep_dir)}")
+        log.error(f"{len(failed)} run(s) failed; rerun them: {rerun}")
         return 1
     return 0
 
@@ -580,10 +623,10 @@ def command(module: str, *args) -> str:
     return shlex.join([sys.executable, "-m", module, *map(str, args)])
 
 
-def relaunch_command(overrides, sweep_dir: Path) -> str:
-    """This launch again, with its own overrides, into the same directory."""
+def relaunch_command(overrides, sweep_dir: Path, module: str = "sweeps.launch") -> str:
+    """This launch (`python -m module`) again, with its own overrides, into the same directory."""
     kept = [o for o in overrides or () if not o.lstrip("+").startswith("hydra.sweep.dir=")]
-    return command("sweeps.launch", *kept, f"hydra.sweep.dir={sweep_dir}")
+    return command(module, *kept, f"hydra.sweep.dir={sweep_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,16 +656,14 @@ def save_hydra_files(sweep_dir: Path, cfg: DictConfig) -> None:
     (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
 
 
-_started = False  # whether Hydra got as far as calling the task (it exits 1 on a config it refuses)
-
-
-@hydra.main(config_path=schema.config_dir(), config_name="config", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    global _started
-    _started = True
+def run_composed(cfg: DictConfig, launch_fn, multirun_refused: str) -> None:
+    """Inside @hydra.main: `launch_fn(cfg, sweep_dir, overrides, on_accepted)` on the composed
+    config, then exit with its status (2 where a setting is refused). What it logs before its
+    checks pass is held, and written to SWEEP_DIR/launch.log with SWEEP_DIR/.hydra/ only once
+    they have (on_accepted), so a refused launch writes nothing."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:  # e.g. hydra.mode=MULTIRUN in a preset
-        log.error(f"error: {MULTIRUN_REFUSED}")
+        log.error(f"error: {multirun_refused}")
         sys.exit(2)
     sweep_dir = Path(os.path.abspath(hydra_cfg.sweep.dir))
     # the command line as typed, for the commands printed to run next: hydra.searchpath and the
@@ -646,7 +687,7 @@ def _main(cfg: DictConfig) -> None:
             to_file.handle(record)
 
     try:
-        code = launch(schema.to_plain(cfg), sweep_dir, overrides, on_accepted=accepted)
+        code = launch_fn(schema.to_plain(cfg), sweep_dir, overrides, on_accepted=accepted)
     except ConfigError as exc:  # bad settings or missing data (SweepError is one too)
         log.error(f"error: {exc}\nnothing was submitted.")
         sys.exit(2)
@@ -819,26 +860,43 @@ def _unknown_key(key: str, overrides: list[str]) -> str:
     return message + (". Every key with its type: python -m sweeps.launch --cfg job" if not near else "")
 
 
-def main() -> None:
-    """`python -m sweeps.launch`: Hydra composes and checks the config, then `launch` runs it.
-    Exit status: 0 done, 1 some runs failed or could never run, 2 a setting was refused
-    (nothing ran, nothing was written)."""
-    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
-        print(f"error: {MULTIRUN_REFUSED}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        preflight(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"error: {exc}\nnothing was submitted.", file=sys.stderr)
-        sys.exit(2)
-    try:
-        _main()
-    except SystemExit as exc:
-        if exc.code == 1 and not _started:  # Hydra refused the config (it printed why)
-            print("nothing was submitted.", file=sys.stderr)
-            sys.exit(2)
-        raise
+def command_line(config_name: str, launch_fn, multirun_refused: str, check_first=None):
+    """The main() of a launch command (sweeps.launch, sweeps.branch): `check_first(argv)` (e.g.
+    preflight), then Hydra composes `config_name` and run_composed calls `launch_fn` on it. Exit
+    status: 0 done, 1 some runs failed or could never run, 2 a setting was refused (nothing ran,
+    nothing was written)."""
+    started = False  # whether Hydra got as far as calling the task (it exits 1 on a config it refuses)
 
+    def task(cfg: DictConfig) -> None:
+        nonlocal started
+        started = True
+        run_composed(cfg, launch_fn, multirun_refused)
+
+    hydra_main = hydra.main(config_path=schema.config_dir(), config_name=config_name, version_base="1.3")(task)
+
+    def main() -> None:
+        if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+            print(f"error: {multirun_refused}", file=sys.stderr)
+            sys.exit(2)
+        try:
+            if check_first is not None:
+                check_first(sys.argv[1:])
+        except ConfigError as exc:
+            print(f"error: {exc}\nnothing was submitted.", file=sys.stderr)
+            sys.exit(2)
+        try:
+            hydra_main()
+        except SystemExit as exc:
+            if exc.code == 1 and not started:  # Hydra refused the config (it printed why)
+                print("nothing was submitted.", file=sys.stderr)
+                sys.exit(2)
+            raise
+
+    return main
+
+
+#: `python -m sweeps.launch`: Hydra composes and checks the config, then `launch` runs it.
+main = command_line("config", launch, MULTIRUN_REFUSED, check_first=preflight)
 
 schema.register()
 

@@ -229,8 +229,9 @@ def composition_error(exc: BaseException) -> str:
     return (f"{what}: " if what != first(keyed) else "") + f"{first(keyed)} (key {keyed.full_key})"
 
 
-def compose(overrides=(), config_path: str | None = None) -> dict:
-    """The config `python -m sweeps.launch OVERRIDES` composes, as plain values (for scripts and
+def compose(overrides=(), config_path: str | None = None, config_name: str = "config") -> dict:
+    """The config `python -m sweeps.launch OVERRIDES` composes (config_name="branch": `python -m
+    sweeps.branch`'s, whose schema sweeps.branch registers), as plain values (for scripts and
     tests; sweeps.launch.launch checks it against the schema). A key or type that Hydra refuses
     raises ConfigError naming the key."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -240,7 +241,7 @@ def compose(overrides=(), config_path: str | None = None) -> dict:
     register()
     try:
         with initialize_config_dir(config_dir=config_path or config_dir(), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides))
+            cfg = hydra_compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(composition_error(exc)) from None
     return to_plain(cfg)

@@ -16,6 +16,14 @@ SMALL = ["task=digits", "sweep.batch_sizes=[16,64]", "sweep.lr.count=2", "sweep.
          "goals.thresholds=[0.3,0.2]",
          "budget.max_steps=400", "launcher.threads=1"]
 
+# Linreg where G^T H G swings by factors of e from step to step (d = 64) and B_noise is measured
+# every step on 20 draws of its own: the regime of B_noise's second-order path average.
+NOISY_LINREG = {"task": {"name": "linreg", "dim": 64, "target_scale": 10.0}, "device": "cpu",
+                "smoothing": {"min_examples": 64},
+                "goals": {"metric": "exact_excess_loss", "thresholds": [0.3, 0.1, 0.03]},
+                "noise_scale": {"every": 1, "hessian_every": 1, "hessian_micro_batch": 128, "hessian_draws": 20,
+                                "probe_batches": 0}}
+
 # What analysis.pareto writes for one sweep.
 TABLES = ("steps_to_goal.csv", "steps_by_lr.csv", "best_runs.csv", "tradeoff_fits.csv",
           "input_problems.csv", "summary.md")
@@ -84,3 +92,37 @@ def exact_ideal_steps(config: dict, steps: int, scale: str) -> np.ndarray:
         x, y = (t.double().numpy() for t in task.sample(B, generator))
         w = w - lr * x.T @ (x @ w - y) / B
     return np.array(ideal)
+
+
+def b_noise_path_ratios(config: dict, seeds) -> tuple[dict, dict]:
+    """Linreg runs of `config` (seeds `seeds`) measured as they train: at every goal reached after
+    20 steps or more whose B_noise path average is resolved (standard error at most 25%, as the
+    analysis counts it), the path average over the exact one along the run's own trajectory, as
+    recorded (critbatch.monitor.IdealSteps with each measurement's noise) and at first order (the
+    same measurements, known when the goal was crossed, without their noise). Two dicts
+    {threshold: [ratio per seed]}."""
+    from critbatch.config import RunConfig
+    from critbatch.monitor import IdealSteps, RunBook
+    from critbatch.tradeoff import MAX_PATH_RELATIVE_SE
+    from critbatch.train import Training
+
+    online, first = {}, {}
+    for seed in seeds:
+        values = {**config, "seed": seed}
+        run = RunConfig.from_dict(values)
+        book = RunBook(run, None)
+        Training([run], run.validate(), [book], packed=False).run()
+        exact = exact_ideal_steps(values, book.summary.steps, "b_noise")
+        measured, B = book.ideal_noise, run.batch_size
+        for goal in book.goals:
+            if not goal.reached or goal.censored or goal.step < 20 \
+                    or not goal.b_noise_path_se <= MAX_PATH_RELATIVE_SE * goal.b_noise_path:
+                continue
+            path = B * (goal.step / np.interp(goal.step, np.arange(len(exact)), exact) - 1)
+            online.setdefault(goal.threshold, []).append(goal.b_noise_path / path)
+            plain = IdealSteps(B, run.noise_scale.relative_window, run.noise_scale.min_examples / B)
+            for s, g, t, w in zip(measured.steps, measured.grad, measured.trace, measured.gaps):
+                if s <= goal.noise_center_step or s <= goal.step:
+                    plain.advance(s, g, t, w)
+            first.setdefault(goal.threshold, []).append(plain.path_average(goal.step) / path)
+    return online, first

@@ -198,6 +198,21 @@ class DivergenceConfig:
 class LogConfig:
     relative_interval: float = ranged(0.05, 0, 1)       # curve points at geometric steps this far apart (0: every step)
     checkpoint_seconds: float = ranged(30.0, 0)   # save the state and the partial record at most this often
+    # A trunk of branch runs (critbatch.branches) saves its step's state (parameters, optimizer)
+    # at these steps, and where it first meets each goal when states_at_goals
+    states_at_steps: list[int] = field(default_factory=list)
+    states_at_goals: bool = False
+
+
+@dataclass(frozen=True)
+class BranchConfig:
+    """A branch run (Merrill et al. 2025): it starts from the state its trunk saved at step
+    trunk_step (critbatch.branches), at `multiplier` times the trunk's batch size. The trunk is
+    named by its run name (task, optimizer, batch size, lr, seed and its id), and its state lies
+    in the trunk's run directory beside the branch's, so the branch's identity holds its trunk's."""
+    trunk: str = ""
+    trunk_step: int = ranged(0, 0)
+    multiplier: int = ranged(1, 1)
 
 
 @dataclass(frozen=True)
@@ -216,6 +231,8 @@ class RunConfig:
     device: Device = Device.auto
     # Replay each training step from a CUDA graph (critbatch.cuda_graphs): auto = on CUDA devices.
     cuda_graphs: bool | str = "auto"
+    # A branch run's origin (null: a run from initialisation)
+    branch: BranchConfig | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | RunConfig) -> RunConfig:
@@ -283,6 +300,14 @@ class RunConfig:
             raise ConfigError(f"noise_scale.hessian_draws={ns.hessian_draws} draws batches of their own for B_noise, "
                               "of noise_scale.hessian_micro_batch examples per micro-batch, which is null: set it "
                               "(e.g. near the B_noise you expect) or leave hessian_draws at 1")
+        if self.branch is not None:
+            if not self.branch.trunk:
+                raise ConfigError("branch.trunk is empty: name the trunk run (its run name) the branch starts from")
+            if self.batch_size % self.branch.multiplier:
+                raise ConfigError(f"batch_size={self.batch_size} is not a multiple of branch.multiplier="
+                                  f"{self.branch.multiplier}: a branch trains at multiplier x its trunk's batch size")
+        if any(step < 0 for step in self.log.states_at_steps):
+            raise ConfigError(f"log.states_at_steps={self.log.states_at_steps!r} must be steps >= 0")
         check_auto_or_bool("cuda_graphs", self.cuda_graphs)
         if self.cuda_graphs is True and self.device is Device.cpu:
             raise ConfigError("cuda_graphs=true needs device=cuda or auto, not device=cpu")
@@ -383,8 +408,12 @@ def without(values: dict, paths) -> dict:
 
 def identity_settings(config: dict) -> dict:
     """The settings of a run config (RunConfig.to_dict()) that make it the run it is: every
-    top-level field of RunConfig (one that is absent counts as null), less NOT_IDENTITY."""
-    top = [name for name in field_hints(RunConfig) if name not in NOT_IDENTITY]
+    top-level field of RunConfig (one that is absent counts as null), less NOT_IDENTITY. An
+    optional section that is null by default (`branch`) counts only where set, so adding one
+    keeps the identities of the runs recorded before it."""
+    optional = {f.name for f in dataclasses.fields(RunConfig) if f.default is None}
+    top = [name for name in field_hints(RunConfig) if name not in NOT_IDENTITY
+           and not (name in optional and config.get(name) is None)]
     return without({name: config.get(name) for name in top}, NOT_IDENTITY)
 
 

@@ -37,6 +37,18 @@ def unbiased_sq_norm_and_trace(small_sq_norm: float, big_sq_norm: float,
     return grad_sq_norm, trace_sigma
 
 
+def unbiased_estimates_covariance(var_small: float, var_big: float, cov: float, small_batch: float,
+                                  big_batch: float) -> tuple[float, float, float]:
+    """(var |G|^2, var tr(Sigma), their covariance) of the unbiased_sq_norm_and_trace estimates
+    whose two squared norms have these variances and covariance (the estimates are linear in them)."""
+    a_small, a_big = -small_batch / (big_batch - small_batch), big_batch / (big_batch - small_batch)
+    c = 1.0 / (1.0 / small_batch - 1.0 / big_batch)
+    var_g = a_small ** 2 * var_small + a_big ** 2 * var_big + 2 * a_small * a_big * cov
+    var_t = c * c * (var_small + var_big - 2 * cov)
+    cov_gt = c * (a_small * var_small - a_big * var_big + (a_big - a_small) * cov)
+    return var_g, var_t, cov_gt
+
+
 class ProgressWindow:
     """The weight of each new value in an EMA whose window grows with training progress:
     `relative_window` x the step count, but at least `min_window` steps, and a plain running mean

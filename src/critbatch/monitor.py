@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from critbatch import records
+from critbatch.branches import states_pending
 from critbatch.config import RunConfig
 from critbatch.curvature import CURVATURE_FIELDS, curvature_state
-from critbatch.gns import NoiseScale, ProgressWindow
+from critbatch.gns import NoiseScale, ProgressWindow, unbiased_estimates_covariance
 
 NOT_YET = -1.0     # GoalCrossings: the goal has not been met
 CENSORED = -2.0    # it was met already at the first valid measurement: when is unknown
@@ -126,6 +127,11 @@ class GoalCrossings:
         self.previous = None if previous is None else (previous[0].to(device), previous[1])
 
 
+#: IdealSteps corrects a rate to second order only where the relative variance of its window's
+#: denominator is at most this
+MAX_DENOMINATOR_NOISE = 0.1
+
+
 class IdealSteps:
     """Steps that a run at an infinite batch size would have needed for the progress made so far.
 
@@ -151,6 +157,18 @@ class IdealSteps:
     From a run at batch size B, `path_average(s)` = B (s / ideal(s) - 1) is the noise scale
     averaged along the path to step s, weighted as B_crit weights it.
 
+    Second order, where a measurement comes with its own noise covariance (`advance(...,
+    noise=...)`, from replicate draws: B_noise with hessian_draws >= 2). Along an SGD path the
+    true G swings from step to step (G^T H G by factors of e per step on linreg), and the rate
+    G B/(G B + T) is concave in G: the rate at the window's mean G overstates the mean of the
+    per-step rates, by up to 20% where G B is a fair share of T. The window's spread of g less the
+    measurements' own noise is the path's variance of G, and the mean rate over a gamma
+    distribution of that mean and variance replaces the rate at the mean. The noise of the
+    window's means biases 1/denominator up (Jensen); that is corrected to second order too. Where
+    the denominator is too noisy for either (relative variance above MAX_DENOMINATOR_NOISE), and
+    without replicates, the rate stays first order (B_simple's, B_noise's with hessian_draws 1).
+    docs/noise_scales.md has the checks.
+
     Its standard error (`path_average_se`): the delta method over every measurement's g and t
     (`ideal_variance`), the measurements' errors independent of one another. NaN from fewer than
     MIN_MEASUREMENTS measurements: a spread from so few says nothing."""
@@ -164,10 +182,15 @@ class IdealSteps:
         self.grad: list[float] = []
         self.trace: list[float] = []
         self.gaps: list[float] = []
+        # each measurement's own noise: variances of g and t and their covariance (NaN: unknown)
+        self.noise: list[tuple[float, float, float]] = []
         self._cache: dict | None = None  # what _knots computed, and from how many measurements
+        self._settled = np.zeros(0)  # second-order corrections whose windows are complete
 
-    def advance(self, step: float, grad: float, trace: float, gap: float = 1.0) -> None:
-        """A measurement at `step` of its own unbiased G and T, standing for `gap` steps."""
+    def advance(self, step: float, grad: float, trace: float, gap: float = 1.0,
+                noise: tuple[float, float, float] | None = None) -> None:
+        """A measurement at `step` of its own unbiased G and T, standing for `gap` steps;
+        `noise`: its own (var G, var T, cov), from replicates, where known."""
         if self.steps and step <= self.steps[-1]:  # NoiseMeasurements measures at most once a step
             raise ValueError(f"measurements must come in step order: {step} after {self.steps[-1]}")
         self._cache = None
@@ -175,6 +198,7 @@ class IdealSteps:
         self.grad.append(float(grad))
         self.trace.append(float(trace))
         self.gaps.append(float(gap))
+        self.noise.append(tuple(map(float, noise)) if noise is not None else (math.nan,) * 3)
 
     def _knots(self) -> dict:
         """From all measurements so far: each one's window, rate, and the ideal steps at each
@@ -197,11 +221,83 @@ class IdealSteps:
         window_g, window_t = np.where(alone, g, sum_g / others), np.where(alone, t, sum_t / others)
         denominator = np.abs(window_g) * self.batch_size + np.maximum(window_t, 0.0)
         scale = self.batch_size / np.where(denominator > 0, denominator, np.inf)
-        rates = g * scale
+        rates = g * scale + self._second_order(s, g, t, w, lo, hi, alone, others, window_g, window_t, denominator)
         self._cache = dict(count=len(self.steps), s=s, g=g, t=t, w=w, lo=lo, hi=hi, alone=alone, others=others,
                            window_g=window_g, window_t=window_t, denominator=denominator, scale=scale,
                            rates=rates, ideal=np.concatenate([[0.0], np.cumsum(rates[:-1] * np.diff(s))]))
         return self._cache
+
+    def _second_order(self, s, g, t, w, lo, hi, alone, others, window_g, window_t, denominator) -> np.ndarray:
+        """What the rates miss where the measurements' own noise is known: the mean of the
+        per-step rates over the path's swings of G (the window's spread less the measurements'
+        noise), and the mean of 1/denominator over the noise of the window's means; 0 elsewhere.
+        (IdealSteps' docstring says why.)"""
+        noise = np.asarray(self.noise, dtype=float).reshape(-1, 3)
+        known = np.isfinite(noise).all(axis=1)
+        if not known.any():
+            return np.zeros(len(s))
+
+        def window_mean(x):  # over the window's other measurements, weighted by their steps
+            cumulative = np.concatenate([[0.0], np.cumsum(w * x)])
+            return (cumulative[hi] - cumulative[lo] - w * x) / others
+
+        cumulative = np.concatenate([[0.0], np.cumsum(w * w)])
+        effective = others ** 2 / np.maximum(cumulative[hi] - cumulative[lo] - w * w, 1e-300)  # members, in effect
+        unbiased = effective / np.maximum(effective - 1.0, 1e-300)
+        # the path's own variance of G: the window's spread less the measurements' noise; unbiased,
+        # so not clipped at 0 (that would bias it up)
+        path_gg = (window_mean(g * g) - window_g ** 2) * unbiased - window_mean(np.where(known, noise[:, 0], 0.0))
+        B, G, T = self.batch_size, np.abs(window_g), np.maximum(window_t, 0.0)
+        D = np.where(denominator > 0, denominator, np.inf)
+        # E[1/D_w] = (1/D)(1 + var(D_w)/D^2): the first-order rate g B/D_w, divided by that. D_w
+        # estimates the local mean, and varies about it by the window's whole spread (the path's
+        # swings and the measurements' noise) over its effective count
+        spread = [(window_mean(a * b) - window_a * window_b) * unbiased
+                  for a, b, window_a, window_b in ((g, g, window_g, window_g), (t, t, window_t, window_t),
+                                                   (g, t, window_g, window_t))]
+        var_denominator = np.maximum(B * B * spread[0] + spread[1] + 2 * B * np.sign(window_g) * spread[2], 0.0) / effective
+        # only where the window's denominator is known to about 30% (else the expansion runs
+        # away): elsewhere the first-order rate stands
+        usable = (known & ~alone & (effective >= 4) & np.isfinite(D)
+                  & (var_denominator <= MAX_DENOMINATOR_NOISE * D ** 2))
+        out = np.zeros(len(s))
+        # a measurement whose window no longer grows (a later one lies beyond it) keeps its
+        # correction: the gamma mean is costly, and _knots runs again at every logged step
+        settled = self._settled[:len(s)]
+        out[:len(settled)] = settled
+        usable[:len(settled)] = False
+        final = hi < len(s)
+        if usable.any():
+            out[usable] = self._corrections(usable, g, G, T, D, var_denominator, path_gg)
+        self._settled = out[:int(np.argmin(final)) if not final.all() else len(s)].copy()
+        return out
+
+    def _corrections(self, usable, g, G, T, D, var_denominator, path_gg) -> np.ndarray:
+        B = self.batch_size
+        G, T, D, g, var_denominator, path_gg = (x[usable] for x in (G, T, D, g, var_denominator, path_gg))
+        # r = G B/(G B + T) = G/(G + c), c = T/B, over G's swings: E[r] for a gamma-distributed G of
+        # the window's mean and path variance (G^T H G swings by factors of e, far beyond where a
+        # Taylor series holds). T swings little (it holds the loss's noise floor), and its window
+        # spread is mostly measurement noise: its terms would add noise, not accuracy.
+        swings = self._mean_rate_over_swings(G, T / B, path_gg) - G * B / D
+        jensen = -g * B / D * var_denominator / D ** 2
+        return np.where(np.isfinite(swings + jensen), swings + jensen, 0.0)
+
+    @staticmethod
+    def _mean_rate_over_swings(mean: np.ndarray, c: np.ndarray, variance: np.ndarray) -> np.ndarray:
+        """E[X/(X + c)] for X gamma-distributed with this mean and variance, i.e. 1 - c E[1/(X + c)]
+        with E[1/(X + c)] = U(1, 2 - k, c/theta)/theta (Tricomi's U; shape k, scale theta). Where the
+        variance is not positive (an estimate below the noise it subtracts), the Taylor series
+        mean/(mean + c) - c variance/(mean + c)^3, which is linear in it, so unbiased."""
+        from scipy.special import hyperu
+
+        taylor = mean / (mean + c) - c * variance / (mean + c) ** 3
+        gamma = (variance > 0) & (mean > 0) & (c > 0) & np.isfinite(c)
+        shape = np.where(gamma, mean ** 2 / np.where(gamma, variance, 1.0), 1.0)
+        theta = np.where(gamma, variance / np.where(gamma, mean, 1.0), 1.0)
+        with np.errstate(all="ignore"):
+            mean_rate = 1.0 - c * hyperu(1.0, 2.0 - shape, c / theta) / theta
+        return np.where(gamma & np.isfinite(mean_rate), mean_rate, taylor)
 
     def at(self, step: float) -> float:
         """ideal(step): the last measurement's knot at or before `step`, its rate held since
@@ -258,18 +354,21 @@ class IdealSteps:
         return self.batch_size * step * math.sqrt(self.ideal_variance(step)) / self.at(step) ** 2
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "_cache"}
+        return {k: v for k, v in vars(self).items() if k not in ("_cache", "_settled")}
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
-        self._cache = None
+        self._cache, self._settled = None, np.zeros(0)
 
 
-def advance_path(ideal: IdealSteps, window: NoiseScale, measurement: tuple, step: int, gap: int) -> None:
+def advance_path(ideal: IdealSteps, window: NoiseScale, measurement: tuple, step: int, gap: int,
+                 form_cov: tuple | None = None) -> None:
     """Average one measurement (small and big norms or forms, small and big batch sizes) into the
-    window, and its own estimates into the path average."""
+    window, and its own estimates into the path average; `form_cov`: the (var small, var big,
+    cov) of the measurement's two values, from replicates, where known."""
     grad, trace = window.update(*measurement, step=step, every=gap)
-    ideal.advance(step, grad, trace, gap)
+    noise = None if form_cov is None else unbiased_estimates_covariance(*form_cov, *measurement[2:])
+    ideal.advance(step, grad, trace, gap, noise)
 
 
 class RunBook:
@@ -325,15 +424,17 @@ class RunBook:
         self.note(initial_loss=initial_loss, **(initial_noise or {}), **facts)
 
     def add_noise(self, small_sq_norm: float, big_sq_norm: float, small_batch: int, big_batch: int,
-                  step: int, gap: int) -> None:
+                  step: int, gap: int, form_cov: tuple | None = None) -> None:
         """One measurement of the squared norms, on the parameters after `step` updates, `gap`
-        steps after the previous one."""
-        advance_path(self.ideal, self.noise, (small_sq_norm, big_sq_norm, small_batch, big_batch), step, gap)
+        steps after the previous one (`form_cov`: see advance_path)."""
+        advance_path(self.ideal, self.noise, (small_sq_norm, big_sq_norm, small_batch, big_batch), step, gap,
+                     form_cov)
 
     def add_curvature(self, small_form: float, big_form: float, small_batch: int, big_batch: int,
-                      step: int, gap: int) -> None:
+                      step: int, gap: int, form_cov: tuple | None = None) -> None:
         """One measurement of the curvature forms g^T H g at two batch sizes (for B_noise)."""
-        advance_path(self.ideal_noise, self.curvature, (small_form, big_form, small_batch, big_batch), step, gap)
+        advance_path(self.ideal_noise, self.curvature, (small_form, big_form, small_batch, big_batch), step, gap,
+                     form_cov)
 
     def _noise_state(self) -> dict:
         """The window's noise estimates now."""
@@ -366,7 +467,8 @@ class RunBook:
         columns = {name: value for name, value in dataclasses.asdict(point).items() if not name.endswith("_resolved")}
         for key, value in {**columns, **metrics}.items():
             self.curve.setdefault(key, []).append(value)
-        self.note(steps=step, examples=step * B, wall_time=now)
+        self.note(steps=step, examples=step * B, wall_time=now, noise_measurements=len(self.ideal.steps),
+                  curvature_measurements=len(self.ideal_noise.steps))
 
     def goal_noise(self, index: int, state: dict, probed_at: int) -> None:
         """The noise scales at goal `index`, probed at the parameters after `probed_at` updates.
@@ -440,7 +542,8 @@ def stop_reason(book: RunBook, step: int, now: float, goal_key: str = "train_los
     if step > 0 and train_loss > config.divergence.loss_ratio * book.initial_loss:
         return records.DIVERGED, (f"smoothed training loss {train_loss:.4g} exceeds "
                                   f"{config.divergence.loss_ratio} x the initial {book.initial_loss:.4g}")
-    if all(goal.reached for goal in book.goals):
+    # a branch trains for its window whatever goals it meets; a trunk until its last state is saved
+    if all(goal.reached for goal in book.goals) and config.branch is None and not states_pending(config, step):
         return records.COMPLETED, "every goal reached"
     div = config.divergence
     if stalled(book.curve, sorted({"train_loss", goal_key}), step, div.stall_steps, div.stall_improvement):
@@ -476,20 +579,26 @@ class NoiseMeasurements:
         interval = min(self.every, max(1, int(window / self.min_per_window)))
         return step - self.last_step >= interval
 
-    def add(self, small: torch.Tensor, big: torch.Tensor, step: int) -> None:
-        self._pending.append(torch.stack([small.reshape(-1), big.reshape(-1)]))
+    def add(self, small: torch.Tensor, big: torch.Tensor, step: int, form_cov: torch.Tensor | None = None) -> None:
+        """A measurement per member; `form_cov` [3, members]: (var small, var big, cov) of the
+        two values, where replicates give them."""
+        unknown = torch.full((3, small.numel()), float("nan"), device=small.device)
+        rows = [small.reshape(-1), big.reshape(-1), *(unknown if form_cov is None else form_cov.reshape(3, -1))]
+        self._pending.append(torch.stack(rows))
         self._steps.append(step)
         self.last_step = step
 
     def flush(self, consumers: list) -> None:
         """Hand every pending measurement to its member's consumer, in step order:
-        consumer(small, big, small_batch, big_batch, step, gap) (RunBook.add_noise or add_curvature)."""
+        consumer(small, big, small_batch, big_batch, step, gap, form_cov) (RunBook.add_noise or
+        add_curvature; form_cov None where not measured)."""
         if not self._pending:
             return
-        for step, (small, big) in zip(self._steps, torch.stack(self._pending).tolist()):  # [n][2][members]
+        for step, (small, big, *cov) in zip(self._steps, torch.stack(self._pending).tolist()):  # [n][5][members]
             gap = step - self.flushed_step if self.flushed_step is not None else 1
-            for consume, s, b in zip(consumers, small, big):
-                consume(s, b, self.small_batch, self.big_batch, step, gap)
+            for consume, s, b, *c in zip(consumers, small, big, *cov):
+                consume(s, b, self.small_batch, self.big_batch, step, gap,
+                        tuple(c) if all(math.isfinite(v) for v in c) else None)
             self.flushed_step = step
         self._pending.clear()
         self._steps.clear()

@@ -125,7 +125,10 @@ class PackedOptimizer:
 def packable(config: RunConfig) -> bool:
     """Whether this run's model can train packed; decided from the architecture alone (built on
     the meta device), before any data is loaded: models with BatchNorm cannot (vmap cannot update
-    running statistics per member in place)."""
+    running statistics per member in place). Nor can branch runs and their trunks
+    (critbatch.branches): they load and save one plain step's state."""
+    if config.branch is not None or config.log.states_at_steps or config.log.states_at_goals:
+        return False
     with torch.device("meta"):
         return not has_batchnorm(config.build_task().make_model())
 

@@ -326,6 +326,55 @@ def training_curves(curves: pd.DataFrame, best: pd.DataFrame, goal: str, metric:
     return fig
 
 
+def local_critical_batch(points: pd.DataFrame, trunk_curve: pd.DataFrame, grid: pd.DataFrame | None = None,
+                         subtitle: str | None = None) -> Figure:
+    """The critical batch over training, three ways, against the trunk's examples (left) and its
+    loss (right, falling to the right): the local critical batch at each branch point (branch runs;
+    bars: the seeds' interval; up/down triangles where it is at least the largest / at most the
+    smallest batch tried), B_simple and B_noise along the trunk (the noise-scale window, solid; their
+    path averages, dashed), and the grid's B_crit at the goals where the trunk met them (diamonds,
+    with the fit's interval). `points`: critbatch.local_batch.local_critical_batches plus `loss`;
+    `trunk_curve`: step, examples, loss and the noise-scale columns; `grid`: goal, examples, loss,
+    b_crit, b_crit_low, b_crit_high."""
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, x in zip(axes, ("examples", "loss")):
+        curve = trunk_curve[(trunk_curve["examples"] > 0) & np.isfinite(trunk_curve[x])]
+        for column, color, style, label in (("b_simple", "C1", "-", "B_simple (trunk, window)"),
+                                            ("b_noise", "C2", "-", "B_noise (trunk, window)"),
+                                            ("b_simple_path", "C1", "--", "B_simple averaged along the path"),
+                                            ("b_noise_path", "C2", "--", "B_noise averaged along the path")):
+            if column in curve and curve[column].notna().any():
+                ok = curve[column] > 0
+                ax.plot(curve.loc[ok, x], curve.loc[ok, column], style, color=color, lw=1.2, label=label)
+        measured = points[np.isfinite(points["b_local"]) & np.isfinite(points[x])]
+        inner = measured[~measured["saturated"] & ~measured["floor"]]
+        ax.errorbar(inner[x], inner["b_local"], yerr=_yerr(inner["b_local"], inner["low"], inner["high"]), fmt="o",
+                    color="C0", capsize=3, ms=6, label="local critical batch (branches; seeds' 95% interval)")
+        for flag, marker, text in (("saturated", "^", "at least (every multiplier within tolerance)"),
+                                   ("floor", "v", "at most B0 (no larger multiplier within tolerance)")):
+            part = measured[measured[flag]]
+            if len(part):
+                ax.plot(part[x], part["b_local"], marker, color="C0", ms=8, mfc="none", label=f"local: {text}")
+        if grid is not None and len(grid):
+            shown = grid[np.isfinite(grid[x]) & np.isfinite(grid["b_crit"])]
+            ax.errorbar(shown[x], shown["b_crit"], yerr=_yerr(shown["b_crit"], shown["b_crit_low"], shown["b_crit_high"]),
+                        fmt="D", color="C3", capsize=3, ms=6, label="grid B_crit at the goal (fit, 95%)")
+        ax.set_yscale("log")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_xscale("symlog", linthresh=max(1.0, float(points["examples"][points["examples"] > 0].min())
+                                               if (points["examples"] > 0).any() else 1.0))
+    axes[0].set_xlabel("examples the trunk had trained on (branch point)")
+    axes[1].set_xscale("log")
+    axes[1].invert_xaxis()
+    axes[1].set_xlabel("the trunk's loss there (falling to the right)")
+    axes[0].set_ylabel("batch size")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("The critical batch over training: local (branch runs), noise scales (trunk), grid (B_crit per goal)"
+                 + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    return fig
+
+
 #: the paper's "within an order of magnitude": B_simple predicts B_crit when their ratio lies in [1/10, 10]
 ORDER_OF_MAGNITUDE = 10.0
 

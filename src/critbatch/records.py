@@ -171,6 +171,15 @@ class Summary:
     cuda_graph_failure: str | None = _doc("why a capture failed (the step then ran eagerly)")
     setup_seconds: float | None = _doc("set-up time: data, model, the initial probes")
     resumed_at: list | None = _doc("steps at which the run resumed from its checkpoint")
+    noise_measurements: int | None = _doc("B_simple measurements along the path (each on the step's own batch)")
+    curvature_measurements: int | None = _doc("B_noise measurements along the path (each on hessian_draws batches of "
+                                              "its own where noise_scale.hessian_micro_batch is set)")
+    branch_states: list | None = _doc("a trunk: the states it saved for branch runs, each {step, examples, label, "
+                                      "file, loss} (critbatch.branches)")
+    branch_start_loss: float | None = _doc("a branch: its trunk's loss where it starts, on the evaluation set of "
+                                           "branch_loss")
+    branch_loss: float | None = _doc("a branch: its loss after its window, on a fixed evaluation set (the whole "
+                                     "training set, or in closed form: critbatch.branches.evaluation_loss)")
     host: str | None = _doc("the machine")
     pid: int | None = _doc("the process")
     torch: str | None = _doc("torch's version")
@@ -266,8 +275,10 @@ def sweep_variant(config: dict) -> str:
 def run_name(config: dict) -> str:
     """A readable directory name: task, optimizer, batch size, lr, seed and the id."""
     lr = config["optimizer"]["lr"]
+    branch = config.get("branch")
+    origin = f"_from{branch['trunk_step']}" if branch else ""  # a branch run: the trunk step it starts from
     return (f"{config['task']['name']}_{config['optimizer']['name']}_B{config['batch_size']}"
-            f"_lr{lr:.4g}_s{config['seed']}_{run_id(config)[:8]}")
+            f"_lr{lr:.4g}_s{config['seed']}{origin}_{run_id(config)[:8]}")
 
 
 def run_dir(sweep_dir: str | os.PathLike, config: dict) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import math
 import signal
@@ -26,6 +27,7 @@ import torch
 
 from critbatch import records
 from critbatch.batches import Batches
+from critbatch.branches import finish_branch, keep_trunk_states, pending_state_step, start_from_trunk
 from critbatch.config import SEED_OFFSETS, ConfigError, Device, RunConfig, Sampling, curvature_unsupported
 from critbatch.cuda_graphs import use_cuda_graphs
 from critbatch.curvature import curvature_batch_sizes, curvature_state
@@ -38,8 +40,9 @@ from critbatch.tasks import Task, check_fingerprint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # 4: the step's state as critbatch.steps keeps it, the books' typed goals and summary, the data's
-# fingerprint. A checkpoint of another version is not resumed: the run starts afresh.
-CHECKPOINT_VERSION = 4
+# fingerprint; 5: the path averages keep each measurement's own noise. A checkpoint of another
+# version is not resumed: the run starts afresh.
+CHECKPOINT_VERSION = 5
 # B_simple (and B_noise) at initialisation, measured once per process for every run that starts
 # from the same parameters (same task, seed and probe settings)
 _INITIAL_NOISE: dict[str, dict] = {}
@@ -142,6 +145,8 @@ class Training:
         if resume is not None:
             self.load_state_dict(resume)
         else:
+            if config.branch is not None:  # a branch run starts where its trunk was
+                start_from_trunk(self)
             self._measure_start(packed, graphs, setup_start)
         self.log_schedule = log_steps(config.log.relative_interval, start=self.next_log)
         self.eval_schedule = log_steps(smoothing.eval_relative_interval, start=self.next_eval) \
@@ -183,7 +188,8 @@ class Training:
             x, y = self.batches.next()
             measure = self.k > 1 and self.noise.due(self.step)
             if measure and self.curvature_due():
-                self.curvature.add(*self.curvature_forms(x, y), self.step)  # before the update
+                small, big, form_cov = self.curvature_forms(x, y)  # before the update
+                self.curvature.add(small, big, self.step, form_cov)
                 self.last_curvature = self.step
             metrics, norms = self.train_step(x, y, measure)
             if measure:
@@ -205,14 +211,23 @@ class Training:
         raise Interrupted(f"{signal_name} at step {self.step}; the state is saved in {self.checkpoint_path} and "
                           "a relaunch resumes from it")
 
-    def curvature_forms(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def curvature_forms(self, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """B_noise's two quadratic forms on the training batch, or averaged over hessian_draws
-        batches of their own (each pair is unbiased, so their mean is)."""
+        batches of their own (each pair is unbiased, so their mean is), with the covariance of
+        that mean [3, members] from the draws' spread (None from one draw): the path average
+        corrects its rates to second order with it (monitor.IdealSteps)."""
         if self.curvature_batches is None:
-            return self.train_step.curvature(x, y)
+            return (*self.train_step.curvature(x, y), None)
         draws = self.config.noise_scale.hessian_draws
-        forms = [self.train_step.curvature(*self.curvature_batches.next()) for _ in range(draws)]
-        return sum(f[0] for f in forms) / draws, sum(f[1] for f in forms) / draws
+        forms = [torch.stack(self.train_step.curvature(*self.curvature_batches.next())) for _ in range(draws)]
+        forms = torch.stack(forms)  # [draws, 2, members]
+        if draws == 1:
+            return forms[0, 0], forms[0, 1], None
+        mean = forms.mean(0)
+        small, big = (forms - mean).unbind(1)
+        # the mean's covariance: the draws' sample covariance over their number
+        form_cov = torch.stack([small * small, big * big, small * big]).sum(1) / ((draws - 1) * draws)
+        return mean[0], mean[1], form_cov
 
     def curvature_due(self) -> bool:
         ns = self.config.noise_scale
@@ -259,9 +274,11 @@ class Training:
                 book.note(cuda_graphs=False, cuda_graph_failure=self.train_step.failure)
             book.log(step, now, {**metrics, **self.latest_evaluation[i], **smoothed_eval[i]}, crossed[i])
         self.probe_goals(newly, crossed)
+        keep_trunk_states(self, newly)
         for book in self.books:
             outcome = stop_reason(book, step, now, self.goal_key)
             if outcome is not None:
+                finish_branch(self, book)
                 book.finish(*outcome)
             else:
                 book.save_now_and_then()
@@ -276,6 +293,9 @@ class Training:
                 self.snapshots = [(at, {name: v[members] for name, v in snap.items()}) for at, snap in self.snapshots]
         while self.next_log <= step:
             self.next_log = next(self.log_schedule)
+        if pending_state_step(self.config, step) < self.next_log:  # a trunk's state is due before: log there too
+            self.log_schedule = itertools.chain([self.next_log], self.log_schedule)
+            self.next_log = int(pending_state_step(self.config, step))
         if keep and time.perf_counter() - self._last_checkpoint > self.config.log.checkpoint_seconds:
             self.save_checkpoint()
         return bool(keep)
@@ -283,7 +303,7 @@ class Training:
     def _initial_noise(self) -> dict:
         """B_simple (and B_noise) at initialisation, for the summary."""
         config, ns = self.config, self.config.noise_scale
-        key = json.dumps([config.task, config.seed, dataclasses.asdict(ns), self.k,
+        key = json.dumps([config.task, config.seed, config.branch, dataclasses.asdict(ns), self.k,
                           max(config.batch_size, ns.probe_batch_size), str(self.device)],
                          sort_keys=True, default=str)
         if key not in _INITIAL_NOISE:

@@ -147,13 +147,16 @@ class _Moments:
     """The per-coordinate second moments of R independent settings (rows: one 1/B and lr each).
 
     SGD: m (R, n). Heavy ball: a = E[d^2], b = E[d v], c = E[v^2], each (R, n). `q` is
-    sum_j lambda_j a_j per row, so the expected excess loss is q / 2."""
+    sum_j lambda_j a_j per row, so the expected excess loss is q / 2. `d0`: the offset w - w* at
+    the start (default -w*, the zero init); from a given parameter vector the diagonal m_i = d0_i^2
+    closes on itself just the same (the off-diagonal of d0 d0^T never enters it)."""
 
-    def __init__(self, lam, w_star, sigma2, inv_b, lr, momentum):
+    def __init__(self, lam, w_star, sigma2, inv_b, lr, momentum, d0=None):
         self.lam, self.sigma2, self.mu = lam, sigma2, momentum
         inv_b, lr, lam2 = inv_b[:, None], lr[:, None], (lam * lam)[None, :]
         rows = inv_b.shape[0]
-        self.a = np.repeat((w_star * w_star)[None, :], rows, axis=0)
+        d0 = -w_star if d0 is None else d0
+        self.a = np.repeat((d0 * d0)[None, :], rows, axis=0)
         if momentum == 0.0:
             self.c1 = (1.0 - lr * lam[None, :]) ** 2 + lr * lr * inv_b * lam2
             self.c2 = lr * lr * inv_b * lam[None, :]
@@ -196,13 +199,17 @@ class _Moments:
 
 
 def expected_excess_loss(spectrum, w_star, noise_std, batch_size, lr, steps: int,
-                         momentum: float = 0.0) -> np.ndarray:
+                         momentum: float = 0.0, start=None) -> np.ndarray:
     """E[excess loss] after 0..steps steps: shape broadcast(batch_size, lr) + (steps + 1,).
 
-    batch_size may be inf (gradient descent). Diverged settings read inf (not nan)."""
+    batch_size may be inf (gradient descent). Diverged settings read inf (not nan). `start`: the
+    parameter vector w the runs start from (default 0); with momentum its buffer starts at 0."""
     lam, w_star, sigma2, mu = _check(spectrum, w_star, noise_std, momentum)
     shape, inv_b, lrs = _rows(batch_size, lr)
-    moments = _Moments(lam, w_star, sigma2, inv_b, lrs, mu)
+    d0 = None if start is None else _vector(start) - w_star
+    if d0 is not None and d0.shape != w_star.shape:
+        raise ValueError(f"start {d0.shape} must be shaped as w_star {w_star.shape}")
+    moments = _Moments(lam, w_star, sigma2, inv_b, lrs, mu, d0)
     out = np.empty((lrs.size, int(steps) + 1))
     out[:, 0] = moments.q
     with np.errstate(over="ignore", invalid="ignore"):
