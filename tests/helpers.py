@@ -2,6 +2,7 @@
 import from here (or conftest fixtures), never from one another."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,43 @@ SMALL = ["task=digits", "sweep.batch_sizes=[16,64]", "sweep.lr.count=2", "sweep.
 TABLES = ("steps_to_goal.csv", "steps_by_lr.csv", "best_runs.csv", "tradeoff_fits.csv",
           "input_problems.csv", "summary.md")
 FIGURES = ("pareto_fronts", "noise_scales", "lr_vs_batch", "steps_heatmap", "training_curves")
+
+
+RUN_TIMING = {"wall_time", "setup_seconds", "pid", "host"}
+
+
+def comparable(record: dict) -> dict:
+    """The record as written (NaN as null), without what differs between any two runs (timings)
+    or says how it ran (processes, the noise measurement's path)."""
+    from critbatch import records
+
+    record = json.loads(json.dumps(records._json_safe(record)))
+    for key in RUN_TIMING | {"processes", "noise_measurement"}:
+        record["summary"].pop(key, None)
+        record["curve"].pop(key, None)
+    for goal in record["goals"]:
+        goal.pop("wall_time", None)
+    return record
+
+
+def assert_close(a, b, rtol: float, where: str = "record") -> tuple[float, str]:
+    """Equal structure, equal strings and flags, numbers within rtol (relative to the larger of the
+    two, at least 1e-3); returns the largest relative difference seen and where."""
+    if isinstance(a, (dict, list)):
+        assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), f"{where}: keys differ: {set(a) ^ set(b)}"
+            pairs = [(a[k], b[k], f"{where}.{k}") for k in a]
+        else:
+            assert len(a) == len(b), f"{where}: lengths {len(a)} != {len(b)}"
+            pairs = [(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+        return max([assert_close(x, y, rtol, w) for x, y, w in pairs] or [(0.0, where)])
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        difference = abs(a - b) / max(abs(a), abs(b), 1e-3)
+        assert difference <= rtol, f"{where}: {a} != {b} (relative difference {difference:.2e} > {rtol})"
+        return difference, where
+    assert a == b, f"{where}: {a!r} != {b!r}"
+    return 0.0, where
 
 
 def launch(*overrides: str, timeout: float = 300, cwd=REPO, python: str = sys.executable) -> subprocess.CompletedProcess:
