@@ -138,13 +138,17 @@ def _run_pack(sweep_dir: str, pack: list[RunConfig], packed: bool,
     try:
         if ranks.main:  # the run's lease and heartbeat: one per run, held by rank 0
             summaries += _claim(sweep_dir, pack, owned, held)
-        owned = ranks.from_main(owned)
+        owned, tokens = ranks.from_main((owned, [lease.token for lease in held]))
         if not owned:
             return summaries
         for lease in held:
             lease.log("train", ranks=ranks.size)
-        for record in train_pack(owned, [_run_dir(sweep_dir, c) for c in owned], packed=packed and len(owned) > 1,
-                                 guard=lambda: all(lease.holds() for lease in held), interrupt=interrupt,
+        dirs = [_run_dir(sweep_dir, c) for c in owned]
+        if ranks.main:
+            guard = lambda: all(lease.holds() for lease in held)  # noqa: E731
+        else:  # another rank writes only a failure, and only while rank 0's lease is still there
+            guard = lambda: all(getattr(read_lease(d), "token", None) == t for d, t in zip(dirs, tokens))  # noqa: E731
+        for record in train_pack(owned, dirs, packed=packed and len(owned) > 1, guard=guard, interrupt=interrupt,
                                  ranks=ranks):
             summaries.append(RunSummary(run=record["run_name"], status=record["status"], skipped=False,
                                         path=record["summary"].get("path")))

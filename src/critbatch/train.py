@@ -467,7 +467,8 @@ def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None
 
     The whole state is saved to out_dir/checkpoint.pt (the first run's) every
     log.checkpoint_seconds and when `interrupt` is requested (training then raises Interrupted);
-    called again with the same runs, training resumes from it. `guard`: see RunBook.save.
+    called again with the same runs, training resumes from it. `guard`: see RunBook.save (on
+    every rank: only rank 0 writes, but any rank records a failure of the ranks).
 
     `ranks`: one run trained by several processes, each calling train_pack with its Ranks
     (critbatch.distributed): rank 0 finds the checkpoint, and every rank resumes from it; rank 0
@@ -503,10 +504,14 @@ def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None
     except Exception as exc:
         failure = from_collective(exc, ranks.rank, ranks.timeout_s) if ranks.size > 1 else exc
         for book, out_dir in zip(books, out_dirs):
-            if isinstance(failure, RankFailure) and out_dir is not None:
-                book.path = Path(out_dir) / records.RECORD_FILE  # the writer, rank 0, may be the rank that died
+            if isinstance(failure, RankFailure) and out_dir is not None:  # the writer, rank 0, may be the rank that died
+                book.path, book.guard = Path(out_dir) / records.RECORD_FILE, guard
             if not book.finished:
-                book.fail(failure)
+                try:
+                    book.fail(failure)
+                except records.NotOwner:
+                    if ranks.main:
+                        raise
         if failure is exc:
             raise
         raise failure from exc
