@@ -12,12 +12,18 @@ A noise_scale.enabled false; B B_simple from the ranks at the defaults (every 10
 often early in a run while the window is short; hessian_every 0); C B_simple on every step. It
 reports rank 0's median seconds per step of A and the ratios B/A and C/A (1.00 = free). Time is
 the training loop's wall time, not set-up (which holds the probes at initialisation).
+
+On a busy machine the loop's times drift by more than what measuring costs; so, in the same run,
+the step itself: DataParallelStep called on the same batches alternately measuring and not
+(--paired such pairs), rank 0's median time of each, and their ratio (the measuring step's cost;
+at the default of every 10th step a tenth of it, less early in a run when it measures more often).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,8 +66,44 @@ def on_each_rank(args) -> list[tuple[str, float, dict[str, float]]]:
                 if rep:
                     times[mode].append(record["summary"]["wall_time"] / args.steps)
         off = statistics.median(times["off"])
-        rows.append((label, off, {mode: statistics.median(t) / off for mode, t in times.items() if mode != "off"}))
+        ratios = {mode: statistics.median(t) / off for mode, t in times.items() if mode != "off"}
+        plain, measuring = paired_step_times(configs["B_simple"], ranks, args.paired)
+        rows.append((label, off, {**ratios, "step": measuring / plain, "plain step": plain}))
     return rows
+
+
+def paired_step_times(config: dict, ranks, pairs: int) -> tuple[float, float]:
+    """Median seconds of a plain and of a measuring DataParallelStep, called alternately on the
+    same batches (the pairs see the same machine load)."""
+    from critbatch.batches import Batches
+    from critbatch.config import RunConfig
+    from critbatch.steps import NoiseMeasurement, make_step
+
+    run = RunConfig.from_dict(config)
+    device = torch.device(args_device(run))
+    torch.manual_seed(run.seed)
+    task = run.build_task()
+    task.load(device)
+    step = make_step([run], task, device, ranks.size, packed=False, graphs=False, ranks=ranks)
+    assert step.noise_measurement is NoiseMeasurement.ranks
+    batches = Batches(task, run.batch_size, run.sampling, run.seed, device)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * pairs + 20):
+        x, y = batches.next()
+        measure = bool(i % 2)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(x, y, measure)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 20:  # warm-up: DDP's first buckets, the allocator
+            times[measure].append(time.perf_counter() - start)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def args_device(run) -> str:
+    return "cuda" if run.device.value == "cuda" or (run.device.value == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def main() -> None:
@@ -74,13 +116,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
     parser.add_argument("--cases", nargs="*", help="labels of the cases to run (default: all)")
+    parser.add_argument("--paired", type=int, default=2000, help="plain/measuring step pairs per case")
     args = parser.parse_args()
     rows = spawn_ranks(on_each_rank, (args,), {}, RankSpec(args.ranks, timeout_s=300))
     print(f"torch {torch.__version__}, {args.ranks} ranks on {args.device} ({'nccl' if args.device == 'cuda' else 'gloo'}),"
           f" {args.threads} thread(s) each, {args.steps} steps x {args.reps} interleaved rounds")
-    print(f"{'case':<20} {'DDP ms/step':>12} {'+B_simple':>10} {'every step':>11}")
+    print(f"{'case':<20} {'DDP ms/step':>12} {'+B_simple':>10} {'every step':>11}   "
+          f"{'step ms':>8} {'measuring step':>15}")
     for label, off, ratios in rows:
-        print(f"{label:<20} {1e3 * off:>12.3f} {ratios['B_simple']:>10.3f} {ratios['every step']:>11.3f}")
+        print(f"{label:<20} {1e3 * off:>12.3f} {ratios['B_simple']:>10.3f} {ratios['every step']:>11.3f}   "
+              f"{1e3 * ratios['plain step']:>8.3f} {ratios['step']:>15.3f}")
 
 
 if __name__ == "__main__":
