@@ -203,7 +203,8 @@ def test_three_concurrent_slurm_launches_train_each_run_once(tmp_path):
     (["launcher.mem_gb=1000"], ["launcher.mem_gb=1000"]),
     (["launcher.gpus_per_node=1"], ["launcher.gpus_per_node=1"]),
     (["+launcher.additional_parameters.frobnicate=1"], ["launcher.additional_parameters.frobnicate"]),
-    (["launcher.tasks_per_node=16"], ["launcher.tasks_per_node=16", "needs 16 CPUs"]),   # one run on 16 ranks
+    (["launcher.tasks_per_node=16", "noise_scale.micro_batches=16"],          # one run on 16 ranks
+     ["launcher.tasks_per_node=16", "needs 16 CPUs"]),
     (["launcher.tasks_per_node=2", "launcher.nodes=2"], ["launcher.nodes=2", "has 1 node(s)"]),
 ])
 def test_cluster_settings_are_checked_before_anything_is_queued(tmp_path, overrides, words):
