@@ -236,6 +236,7 @@ def test_jobs_that_can_never_run_are_cancelled_and_the_launch_fails(tmp_path):
     assert queued.strip() == ""
 
 
+@pytest.mark.slow
 def test_a_run_on_a_two_task_slurm_job_records_what_one_process_records(tmp_path):
     """One run as a job of 2 SLURM tasks (2 ranks, gloo; submitit's TorchDistributedEnvironment),
     against the same run trained by one process here: the records agree within float rounding."""
