@@ -61,8 +61,9 @@ def from_collective(exc: BaseException, rank: int, timeout_s: float | None) -> B
 class Ranks:
     """This process's place among the ranks of one run, and the few collectives the loop needs."""
 
-    def __init__(self, rank: int = 0, size: int = 1, timeout_s: float | None = None):
+    def __init__(self, rank: int = 0, size: int = 1, timeout_s: float | None = None, device: str = "cpu"):
         self.rank, self.size, self.timeout_s = rank, size, timeout_s
+        self.device = device  # where the collectives' own tensors live (nccl: on this rank's GPU)
 
     @classmethod
     def single(cls) -> "Ranks":
@@ -118,7 +119,7 @@ class Ranks:
             return requested
         if step % SIGNAL_POLL_STEPS:
             return None
-        number = torch.tensor([float(signal.Signals[requested].value) if requested else 0.0])
+        number = torch.tensor([float(signal.Signals[requested].value) if requested else 0.0], device=self.device)
         self._collective(torch.distributed.all_reduce, number, op=torch.distributed.ReduceOp.MAX)
         return signal.Signals(int(number.item())).name if number.item() else None
 
@@ -149,7 +150,7 @@ def join(timeout_s: float, device: str = "auto") -> Ranks:
         except Exception as exc:
             failure = from_collective(exc, rank, timeout_s)
             raise failure from exc
-    return Ranks(rank, size, timeout_s)
+    return Ranks(rank, size, timeout_s, "cuda" if cuda else "cpu")
 
 
 def leave() -> None:

@@ -323,7 +323,7 @@ class DataParallelStep(PlainStep):
         from torch.nn.parallel import DistributedDataParallel
 
         self.ranks = ranks
-        self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.ddp = DistributedDataParallel(self.model)  # on this rank's device (critbatch.distributed.join)
         self.hook = RankNorms(ranks.size)
         self.ddp.register_comm_hook(self.hook, RankNorms.reduce)
         self.local_micro_batches = max(1, micro_batches // ranks.size)
