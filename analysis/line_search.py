@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import math
 import sys
 import time
@@ -84,6 +85,9 @@ MAX_ROWS = 1 << 16         # examples (or examples x parameter sets) per vectori
 # curve is only piecewise smooth, and a smaller region would not be closer to the Hessian.
 NEAR = (0.5, 0.75, 1.0, 1.25, 1.5)
 LOCAL = (0.125, 0.25, 0.375, 0.5)
+
+# Progress and results of the command, on stderr (`run` attaches the handler; silent as a library).
+logger = logging.getLogger("analysis.line_search")
 
 
 class LineSearchError(ValueError):
@@ -355,12 +359,15 @@ def line_search(point: FixedPoint, batch_sizes, draws: int = DEFAULT_DRAWS, eps_
         raise LineSearchError(f"batch sizes {batch_sizes}: need at least {tradeoff.MIN_BATCH_SIZES_FOR_FIT} "
                               "distinct batch sizes >= 1 to fit eps_opt(B)")
     points: list[OptimalLr] = []
-    for b in batch_sizes:
+    for k, b in enumerate(batch_sizes):
         if points:  # eps_opt grows with B, at most in proportion: start half-way (in log) between
             guess, span = points[-1].eps_best * math.sqrt(b / points[-1].batch_size), 2
         else:
             guess, span = eps_guess, 4
+        start = time.perf_counter()
         points.append(optimal_lr(point, b, draws, guess, n_boot, seed, pilot_draws, span))
+        logger.info(f"    B={b} ({k + 1}/{len(batch_sizes)}): eps_opt {points[-1].eps_opt:.4g} over {draws} draws "
+                    f"({time.perf_counter() - start:.1f} s)")
     bs = [p.batch_size for p in points]
     fit = tradeoff.fit_lr_curve(bs, [p.eps_opt for p in points], level=level) \
         if all(np.isfinite(p.eps_opt) and p.eps_opt > 0 for p in points) else tradeoff.LrFit(
@@ -463,7 +470,7 @@ class Measured:
 
 def measure_sweep(sweep_dir: str | Path, goal: str | None = None, batch_sizes: list[int] | None = None,
                   draws: int = DEFAULT_DRAWS, n_boot: int = 200, level: float = 0.95, seed: int = 0,
-                  float64: bool = False, log=print,
+                  float64: bool = False, log=logger.info,
                   hvp_draws: int = DEFAULT_HVP_DRAWS) -> tuple[list[Measured], list[str]]:
     """The line search at every best run's crossing of each goal (or of `goal`) in a sweep, and
     the points where none could be made (why)."""
@@ -486,15 +493,22 @@ def measure_sweep(sweep_dir: str | Path, goal: str | None = None, batch_sizes: l
     for missing in [g for g in goals if g not in set(hit["goal"])]:
         log(f"warning: goal {missing}: no run crossed it after its first valid measurement; skipped")
     measured, failures = [], []
-    for _, row in hit.iterrows():
+    began = time.perf_counter()
+    for i, (_, row) in enumerate(hit.iterrows()):
         record = records.read_record(Path(row["run_dir"]) / records.RECORD_FILE)
         entry = _goal_entry(record, row["goal_threshold"])
         step = int(entry.get("probed_at") or round(entry["step"]))
+        spent = time.perf_counter() - began
+        left = f", about {spent / i * (len(hit) - i):.0f} s left" if i else ""
+        log(f"[{i + 1}/{len(hit)}] {row['goal']}  {row['run_name']}: training it again to step {step} "
+            f"({spent:.0f} s so far{left})")
         start = time.perf_counter()
         model, task = parameters_at(record["config"], step)
         try:  # one point without a line search (no lr lowers the loss there) does not stop the others
             point = FixedPoint(model, task, dtype=torch.float64 if float64 else torch.float32)
             sizes = batch_sizes or default_batch_sizes(int(row["batch_size"]), task.dataset_size)
+            logger.info(f"    parameters ready ({time.perf_counter() - start:.1f} s); line search at "
+                        f"B = {', '.join(map(str, sorted(set(sizes))))}")
             search = line_search(point, sizes, draws=draws, eps_guess=float(row["lr"]), seed=seed, n_boot=n_boot,
                                  level=level)
         except LineSearchError as exc:
@@ -502,6 +516,8 @@ def measure_sweep(sweep_dir: str | Path, goal: str | None = None, batch_sizes: l
             log(f"warning: {failures[-1]}; skipped")
             continue
         reference, source = _reference(point, task, entry)
+        if hvp_draws:
+            logger.info(f"    B_noise by Hessian-vector products on {hvp_draws} draws")
         hvp = hvp_b_noise(model, task, search.b_noise, hvp_draws, seed) if hvp_draws else None
         data = {**row.to_dict(), "step": step, "b_simple_record": entry.get("b_simple"),
                 "seconds": time.perf_counter() - start}
@@ -665,9 +681,16 @@ def run(args: argparse.Namespace) -> Path:
         raise LineSearchError(f"--bootstrap {args.bootstrap} must be >= 10 (the interval comes from it)")
     if not 0 < args.level < 1:
         raise LineSearchError(f"--level {args.level} must be between 0 and 1")
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
-    measured, skipped = measure_sweep(args.sweep_dir, args.goal, args.batch_sizes, args.draws, args.bootstrap, args.level,
-                             args.seed, args.float64, log, args.hvp_draws)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(to_stderr)
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
+    try:
+        measured, skipped = measure_sweep(args.sweep_dir, args.goal, args.batch_sizes, args.draws, args.bootstrap,
+                                          args.level, args.seed, args.float64, logger.info, args.hvp_draws)
+    finally:
+        logger.removeHandler(to_stderr)
     out_dir = Path(args.out) if args.out else Path(args.sweep_dir) / "line_search"
     out_dir.mkdir(parents=True, exist_ok=True)
     table, points = tables(measured)

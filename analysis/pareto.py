@@ -1,7 +1,7 @@
 """Pareto fronts, the steps/examples tradeoff fit, B_crit against B_simple, and the paper's plots.
 
     python -m analysis.pareto SWEEP_DIR [--out DIR]         # from run records (docs/records.md)
-    python -m analysis.pareto DIR1 DIR2 ... --out DIR       # several sweeps, compared
+    python -m analysis.pareto DIR1 DIR2 ... --out DIR [--labels A B ...]   # several sweeps, compared
     python -m analysis.pareto --from-csv FILE [--out DIR]   # from a table: goal, batch_size, steps
                                                             #   [, lr, examples, b_simple, reached]
 
@@ -185,6 +185,35 @@ def load_records(sweep_dirs) -> tuple[pd.DataFrame, list[str]]:
     return df, notes
 
 
+def name_datasets(runs: pd.DataFrame) -> pd.DataFrame:
+    """The task column with the dataset a task trained on where its name does not say it (the
+    records' summary.data, Task.fingerprint: e.g. "mnist (mnist-5k)"), so every title, table and
+    legend says which data a B_crit belongs to."""
+    if runs.empty or "dataset" not in runs.columns:
+        return runs
+    named = runs["dataset"].notna() & (runs["dataset"] != runs["task"])
+    runs = runs.copy()
+    runs.loc[named, "task"] = runs.loc[named, "task"] + " (" + runs.loc[named, "dataset"] + ")"
+    return runs
+
+
+def label_sweeps(runs: pd.DataFrame, sweep_dirs, labels: list[str]) -> pd.DataFrame:
+    """The sweep column renamed after `labels`, one per directory given (a directory that holds
+    several sweeps: "label: sweep"), in place of the directories' names."""
+    dirs = [Path(d).resolve() for d in sweep_dirs]
+    if len(labels) != len(dirs):
+        raise AnalysisError(f"--labels: {len(labels)} label(s) for {len(dirs)} sweep director"
+                            f"{'y' if len(dirs) == 1 else 'ies'}; give one label per directory, in the same order")
+    runs = runs.copy()
+    where = runs["run_dir"].map(lambda d: next((i for i, root in enumerate(dirs) if Path(d).resolve().is_relative_to(root)),
+                                               None))
+    for i, label in enumerate(labels):
+        mine = where == i
+        several = runs.loc[mine, "sweep"].nunique() > 1
+        runs.loc[mine, "sweep"] = (label + ": " + runs.loc[mine, "sweep"]) if several else label
+    return runs
+
+
 # ---------------------------------------------------------------------------------------------
 # Analysis and report
 
@@ -203,8 +232,11 @@ EXPERIMENT_KEYS = ("sweep", "variant")
 
 def _combos(frame: pd.DataFrame) -> list[tuple[dict, pd.Series]]:
     """The experiments present, each as ({key: value}, row mask): (task, optimizer), and sweep
-    and variant where the frame holds more than one (tradeoff.GROUP_KEYS fits them apart)."""
+    and variant where the frame holds more than one (tradeoff.GROUP_KEYS fits them apart; the
+    variant only where one sweep holds several)."""
     keys = [k for k in EXPERIMENT_KEYS if k in frame.columns and frame[k].nunique(dropna=False) > 1]
+    if "sweep" in keys and "variant" in keys and frame.groupby("sweep")["variant"].nunique().max() == 1:
+        keys.remove("variant")  # each sweep holds one variant: its name (or label) tells them apart
     keys += [k for k in ("task", "optimizer") if k in frame.columns]
     if not keys:
         return [({}, pd.Series(True, index=frame.index))]
@@ -413,7 +445,7 @@ def compare_sweeps(a: Analysis, combos) -> "plots.Figure":
         if goal is None:
             continue
         hit = best[(best["goal"] == goal) & best["reached"] & ~best["censored"].astype(bool)]
-        right.plot(hit["batch_size"], hit["steps"], "o", color=color, label=f"{label}: {goal}")
+        right.plot(hit["batch_size"], hit["steps"], "o", color=color)
         fit = fits[fits["goal"] == goal].iloc[0]
         if len(hit) and np.isfinite(fit["b_crit"]):
             b = np.geomspace(hit["batch_size"].min(), hit["batch_size"].max(), 100)
@@ -426,11 +458,15 @@ def compare_sweeps(a: Analysis, combos) -> "plots.Figure":
     right.set_yscale("log")
     right.set_xlabel("batch size B")
     right.set_ylabel("steps to the goal (best lr)")
-    right.set_title("Steps to " + (f"the hardest common goal {shared[-1]}" if shared else "each one's hardest fitted goal"))
+    right.set_title("Steps to " + (f"the hardest common goal {shared[-1]}" if shared else "each one's hardest fitted goal"),
+                    fontsize=10)
     for ax in (left, right):
         ax.grid(True, which="major", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    # Below the axes, where it covers no point: one entry per experiment (the right panel's markers
+    # share the left panel's colours, and its title names the goal).
+    handles, labels = left.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
     return fig
 
 
@@ -467,6 +503,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from-csv", metavar="FILE", help="analyse a plain table instead: goal, batch_size, "
                    "steps [, lr, examples, b_simple, reached, seed, run_name, task, optimizer]")
     p.add_argument("--out", metavar="DIR", help="output folder (default SWEEP_DIR/analysis)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="names of the sweeps in tables and figures, one "
+                   "per SWEEP_DIR in the same order (default: the directories' names)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (0.95)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N",
                    help="residual-bootstrap resamples per goal for a second interval (200; 0: none)")
@@ -484,6 +522,11 @@ def run(args: argparse.Namespace) -> Path:
     """The analysis for parsed arguments; returns the output folder."""
     if bool(args.sweep_dir) == (args.from_csv is not None):
         raise AnalysisError("give either SWEEP_DIR (one or more) or --from-csv FILE (exactly one of the two)")
+    if args.labels and args.from_csv:
+        raise AnalysisError("--labels names sweep directories; a table (--from-csv) has none")
+    if args.labels and len(args.labels) != len(args.sweep_dir):
+        raise AnalysisError(f"--labels: {len(args.labels)} label(s) for {len(args.sweep_dir)} sweep "
+                            "directories; give one label per directory, in the same order")
     if not 0 < args.level < 1:
         raise AnalysisError(f"--level {args.level} must be between 0 and 1")
     if args.bootstrap < 0:
@@ -496,6 +539,9 @@ def run(args: argparse.Namespace) -> Path:
         out_dir = Path(args.out) if args.out else Path(args.from_csv).with_name(Path(args.from_csv).stem + "_analysis")
     else:
         runs, notes = load_records(args.sweep_dir)
+        runs = name_datasets(runs)
+        if args.labels:
+            runs = label_sweeps(runs, args.sweep_dir, args.labels)
         source = ", ".join(args.sweep_dir)
         if args.out is None and len(args.sweep_dir) > 1:
             raise AnalysisError("several sweep directories: say where the comparison goes with --out DIR")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.pareto import name_datasets
 from critbatch import records, tradeoff
 
 COLUMNS = ["task", "runs", "training time", "goals fitted", "B_crit start", "B_crit average",
@@ -49,7 +50,7 @@ def _with(value: float, low: float, high: float) -> str:
 def table1_row(sweep_dir: str | Path, label: str | None = None, min_steps: float = tradeoff.MIN_FIT_STEPS,
                n_bootstrap: int = 200) -> dict:
     """One row of Table 1 for a sweep directory (see the module docstring)."""
-    runs = records.load_sweep(sweep_dir)
+    runs = name_datasets(records.load_sweep(sweep_dir))
     if runs.empty:
         raise ValueError(f"{sweep_dir}: no finished run records")
     best = tradeoff.best_runs(runs)
@@ -93,7 +94,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.table1", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR")
-    parser.add_argument("--labels", nargs="*", help="row labels, one per SWEEP_DIR (default: task / optimizer)")
+    parser.add_argument("--labels", nargs="*", help="row labels, one per SWEEP_DIR (default: task / optimizer, "
+                        "with the dataset where the task's name does not say it)")
     parser.add_argument("--min-steps", type=float, default=tradeoff.MIN_FIT_STEPS,
                         help=f"fit only points reached in at least this many steps ({tradeoff.MIN_FIT_STEPS})")
     args = parser.parse_args(argv)

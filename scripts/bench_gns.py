@@ -1,14 +1,16 @@
 """What measuring the noise scales and checkpointing cost: training step time with B_simple and
 B_noise measured vs not, and the time of one checkpoint against the default interval.
 
-    python scripts/bench_gns.py                 # digits, mnist1d and linreg on the CPU
+    python scripts/bench_gns.py                 # digits, mnist1d, linreg and shakespeare_char on the CPU
     python scripts/bench_gns.py --device cuda --reps 7
+    python scripts/bench_gns.py --cases "shakespeare_char B=32" --data-dir DATA_DIR
 
 Each case runs critbatch.train.train for a fixed number of steps (goals out of reach, so no probe
 at a goal runs) three ways, interleaved A B C A B C ... so that drifting machine load hits all
 alike: A noise_scale.enabled false; B B_simple only (hessian_every 0); C B_simple and B_noise (the
-defaults: every=10, micro_batches=4, hessian_every=10). It reports the median seconds per step of
-each and the ratios B/A and C/A (1.00 = free). Time is the training loop's wall time, not set-up
+defaults: every=10, micro_batches=4, hessian_every=10; a case may set other noise settings for all
+three, e.g. its preset's micro_batches). It reports the median seconds per step of each and the
+ratios B/A and C/A (1.00 = free). Time is the training loop's wall time, not set-up
 (which holds the measurements at initialisation). Then, per case, the median time of
 Training.save_checkpoint as a share of log.checkpoint_seconds (the default interval).
 """
@@ -25,21 +27,27 @@ from critbatch.config import RunConfig
 from critbatch.monitor import RunBook
 from critbatch.train import Training, train
 
-CASES = [  # (label, task, batch size, lr, goal metric, unreachable goal)
+# The LM's cases use its preset's settings (conf/task/shakespeare_char.yaml): Adam, 8 micro-batches,
+# and probes on 64-window batches (the default 512 would make each run's set-up minutes long).
+LM = {"optimizer": {"name": "adam"}, "noise_scale": {"micro_batches": 8, "probe_batch_size": 64}}
+CASES = [  # (label, task, batch size, lr, goal metric, unreachable goal[, other settings])
     ("digits B=32", {"name": "digits"}, 32, 0.1, "train_error", 1e-9),
     ("digits B=256", {"name": "digits"}, 256, 0.1, "train_error", 1e-9),
     ("mnist1d mlp B=64", {"name": "mnist1d", "model": "mlp"}, 64, 0.3, "train_error", 1e-9),
     ("mnist1d cnn B=64", {"name": "mnist1d", "model": "cnn"}, 64, 0.1, "train_error", 1e-9),
     ("linreg B=256", {"name": "linreg"}, 256, 0.01, "exact_loss", 1e-9),
+    ("shakespeare_char B=8", {"name": "shakespeare_char"}, 8, 3e-3, "train_loss", 1e-9, LM),
+    ("shakespeare_char B=32", {"name": "shakespeare_char"}, 32, 3e-3, "train_loss", 1e-9, LM),
 ]
 MODES = {"off": {"enabled": False}, "B_simple": {"hessian_every": 0}, "B_simple+B_noise": {}}
 
 
-def config_for(task, batch_size, lr, metric, goal, steps, noise, device) -> dict:
-    return {"task": task, "optimizer": {"name": "sgd", "lr": lr}, "batch_size": batch_size,
-            "device": device, "goals": {"metric": metric, "thresholds": [goal]},
-            "budget": {"max_steps": steps}, "noise_scale": noise, "divergence": {"stall_steps": 0},
-            "log": {"checkpoint_seconds": 1e9}}
+def config_for(task, batch_size, lr, metric, goal, steps, noise, device, other=None) -> dict:
+    other = other or {}
+    return {"task": task, "optimizer": {"name": "sgd", **other.get("optimizer", {}), "lr": lr},
+            "batch_size": batch_size, "device": device, "goals": {"metric": metric, "thresholds": [goal]},
+            "budget": {"max_steps": steps}, "noise_scale": {**other.get("noise_scale", {}), **noise},
+            "divergence": {"stall_steps": 0}, "log": {"checkpoint_seconds": 1e9}}
 
 
 def seconds_per_step(config: dict) -> float:
@@ -71,17 +79,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cases", nargs="*", help="labels of the cases to run (default: all)")
+    parser.add_argument("--data-dir", default=None, help="task.data_dir of the tasks that read files "
+                        "(shakespeare_char; default: theirs, 'data')")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     interval = RunConfig().log.checkpoint_seconds
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} CPU threads, "
           f"{args.steps} steps x {args.reps} interleaved rounds; noise_scale defaults")
-    print(f"{'case':<18} {'off ms/step':>12} {'B_simple':>9} {'+B_noise':>9}  {'ckpt ms':>8} {'ckpt share':>10}")
-    for label, task, batch_size, lr, metric, goal in CASES:
+    print(f"{'case':<22} {'off ms/step':>12} {'B_simple':>9} {'+B_noise':>9}  {'ckpt ms':>8} {'ckpt share':>10}")
+    for label, task, batch_size, lr, metric, goal, *other in CASES:
         if args.cases and label not in args.cases:
             continue
-        configs = {mode: config_for(task, batch_size, lr, metric, goal, args.steps, noise, args.device)
+        if args.data_dir and task["name"] == "shakespeare_char":
+            task = {**task, "data_dir": args.data_dir}
+        configs = {mode: config_for(task, batch_size, lr, metric, goal, args.steps, noise, args.device, *other)
                    for mode, noise in MODES.items()}
         for config in configs.values():
             seconds_per_step(config)  # warm-up: data loading, allocator, lazy imports
@@ -91,7 +103,7 @@ def main() -> None:
                 times[mode].append(seconds_per_step(config))
         off = statistics.median(times["off"])
         saving = checkpoint_seconds(configs["B_simple+B_noise"])
-        print(f"{label:<18} {1e3 * off:>12.3f} {statistics.median(times['B_simple']) / off:>9.3f} "
+        print(f"{label:<22} {1e3 * off:>12.3f} {statistics.median(times['B_simple']) / off:>9.3f} "
               f"{statistics.median(times['B_simple+B_noise']) / off:>9.3f}  {1e3 * saving:>8.2f} "
               f"{saving / interval:>10.2%}")
 

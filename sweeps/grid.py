@@ -42,9 +42,44 @@ def centred_lr(batch_size: int, eps_star: float, b_star: float, alpha: float) ->
     return eps_star / (1.0 + b_star / batch_size) ** alpha
 
 
-def lr_grid(batch_size: int, lr: dict) -> list[float]:
+# How far one unit of gradient moves the parameters, per unit lr, once heavy-ball momentum mu has
+# built up its velocity: 1/(1 - mu). A centre tuned for one of these optimizers serves the other
+# with its eps* scaled by the ratio (exact where the lr is small against the curvature, i.e. at
+# the small batch sizes where noise sets the best lr).
+EFFECTIVE_LR_GAIN = {"sgd": lambda opt: 1.0, "momentum": lambda opt: 1.0 / (1.0 - opt.get("momentum", 0.9))}
+
+
+@dataclass(frozen=True)
+class LrCentreChoice:
+    """The centre the grid uses for one optimizer, and where it came from: "tuned" (sweep.lr.centre,
+    tuned for this optimizer or not said for which), "centres" (its entry in sweep.lr.centres),
+    "converted" (from the tuned optimizer's by EFFECTIVE_LR_GAIN) or "untuned" (another
+    optimizer's centre, as it is: the launch warns)."""
+    centre: dict | None
+    source: str
+    tuned_for: str | None = None
+
+
+def lr_centre(lr: dict, optimizer: dict | None) -> LrCentreChoice:
+    """The centre of the lr grid `lr` (sweep.lr) for `optimizer` (the optimizer section)."""
+    centre, tuned_for = lr.get("centre"), lr.get("tuned_for")
+    name = (optimizer or {}).get("name")
+    if name is None or tuned_for is None or tuned_for == name:
+        return LrCentreChoice(centre, "tuned", tuned_for)
+    own = (lr.get("centres") or {}).get(name)
+    if own is not None:
+        return LrCentreChoice({"alpha": 1.0, **own}, "centres", tuned_for)
+    if centre is not None and name in EFFECTIVE_LR_GAIN and tuned_for in EFFECTIVE_LR_GAIN:
+        scale = EFFECTIVE_LR_GAIN[tuned_for](optimizer) / EFFECTIVE_LR_GAIN[name](optimizer)
+        if math.isfinite(scale) and scale > 0 and isinstance(centre.get("eps_star"), (int, float)):
+            return LrCentreChoice({**centre, "eps_star": float(f"{centre['eps_star'] * scale:.6g}")}, "converted",
+                                  tuned_for)
+    return LrCentreChoice(centre, "untuned", tuned_for)
+
+
+def lr_grid(batch_size: int, lr: dict, optimizer: dict | None = None) -> list[float]:
     """The learning rates to try at one batch size: explicit, or `count` values `factor` apart
-    centred on eps*/(1 + B*/B)^alpha."""
+    centred on eps*/(1 + B*/B)^alpha, with the centre for `optimizer` (lr_centre)."""
     lr = {**dataclasses.asdict(LrGrid()), **lr}  # the schema's defaults (count, factor) where not given
     values = lr.get("values")
     if values is not None:
@@ -61,13 +96,18 @@ def lr_grid(batch_size: int, lr: dict) -> list[float]:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise SweepError(f"{field}={values!r} must be a list of numbers")
         return [float(v) for v in values]
-    centre = lr.get("centre")
-    if centre is None:
+    choice = lr_centre(lr, optimizer)
+    centre, where = choice.centre, "sweep.lr.centre"
+    if choice.source == "centres":
+        where = f"sweep.lr.centres.{optimizer['name']}"
+    if centre is None or (centre.get("eps_star") is None and centre.get("b_star") is None):
         raise SweepError("sweep.lr: give either values (a list, or a mapping batch size -> list) or "
                          "centre: {eps_star, b_star, alpha} with factor and count")
     for key in ("eps_star", "b_star", "alpha"):
+        if centre.get(key) is None:
+            raise SweepError(f"{where}.{key} is not set: the centre needs eps_star and b_star (alpha: 1 unless set)")
         if not isinstance(centre.get(key), (int, float)) or not math.isfinite(centre[key]) or centre[key] < 0:
-            raise SweepError(f"sweep.lr.centre.{key}={centre.get(key)!r} must be a finite number >= 0")
+            raise SweepError(f"{where}.{key}={centre.get(key)!r} must be a finite number >= 0")
     factor, count = lr["factor"], lr["count"]
     if not isinstance(count, int) or count < 1:
         raise SweepError(f"sweep.lr.count={count!r} must be an integer >= 1")
@@ -75,6 +115,35 @@ def lr_grid(batch_size: int, lr: dict) -> list[float]:
         raise SweepError(f"sweep.lr.factor={factor!r} must be > 1 (the ratio between neighbouring lrs)")
     mid = centred_lr(batch_size, centre["eps_star"], centre["b_star"], centre["alpha"])
     return [float(f"{mid * factor ** (i - (count - 1) / 2):.6g}") for i in range(count)]
+
+
+def lr_grid_note(lr: dict, optimizer: dict) -> tuple[str, str] | None:
+    """What the launch says about the lr grid's centre before anything runs, as (level, message):
+    a note where the optimizer takes a centre other than sweep.lr.centre (its own, or converted),
+    a warning where the centre was tuned for another optimizer and nothing converts it; None where
+    it needs no word (explicit values, or sweep.lr.centre tuned for this optimizer)."""
+    if lr.get("values") is not None:
+        return None
+    choice = lr_centre(lr, optimizer)
+    name, tuned = optimizer.get("name"), choice.tuned_for
+    given = choice.centre or {}
+    if choice.source == "centres":
+        shown = ", ".join(f"{k}: {given[k]:g}" for k in ("eps_star", "b_star", "alpha"))
+        return ("info", f"note: sweep.lr.centre was tuned for {tuned}; {name} takes its own, "
+                f"sweep.lr.centres.{name} = {{{shown}}}. To use sweep.lr.centre instead, add "
+                f"sweep.lr.tuned_for={name}.")
+    if choice.source == "converted":
+        return ("info", f"note: sweep.lr.centre was tuned for {tuned}; {name} takes it with eps_star "
+                f"{given['eps_star']:g} instead of {lr['centre']['eps_star']:g}, for the same effective step "
+                f"(heavy-ball momentum m steps lr/(1 - m) per unit gradient; m = {optimizer.get('momentum', 0.9):g}). "
+                f"To use sweep.lr.centre as it is, add sweep.lr.tuned_for={name}.")
+    if choice.source == "untuned":
+        return ("warning", f"warning: sweep.lr.centre was tuned for {tuned}, and this grid has no centre for {name} "
+                f"(sweep.lr.centres.{name}) nor a rule to convert one: {name} will try {tuned}'s lrs, which can be "
+                f"off by orders of magnitude (most runs diverging, or crawling to the budget). Give {name} its "
+                f"own: 'sweep.lr.centre={{eps_star: E, b_star: B, alpha: A}}' sweep.lr.tuned_for={name}, or "
+                "'sweep.lr.values=[...]', or a preset that has one (experiment=NAME).")
+    return None
 
 
 def expand(cfg: dict) -> list[Run]:
@@ -93,7 +162,7 @@ def expand(cfg: dict) -> list[Run]:
     task = dict(cfg["task"])
     runs, seen = [], set()
     for batch_size in sorted(set(batch_sizes)):
-        for lr in lr_grid(batch_size, sweep.get("lr") or {}):
+        for lr in lr_grid(batch_size, sweep.get("lr") or {}, cfg.get("optimizer")):
             for seed in seeds:
                 values = {key: cfg[key] for key in RUN_KEYS if key in cfg}
                 values.update(task=task, optimizer={**cfg["optimizer"], "lr": lr},

@@ -28,20 +28,29 @@ MISSING = "???"  # OmegaConf's "no value yet": the key must be set before the la
 
 @dataclass
 class LrCentre:
-    """The paper's (App. A.2) guess for the best lr at batch size B: eps_star / (1 + b_star/B)^alpha."""
-    eps_star: float = MISSING  # type: ignore[assignment]
-    b_star: float = MISSING    # type: ignore[assignment]
+    """The paper's (App. A.2) guess for the best lr at batch size B: eps_star / (1 + b_star/B)^alpha.
+    (null: not given. A grid always holds a centre, so that the command line can set one: OmegaConf
+    cannot assign a mapping to a structured node that is null.)"""
+    eps_star: float | None = None
+    b_star: float | None = None
     alpha: float = 1.0
 
 
 @dataclass
 class LrGrid:
     """The learning rates tried at each batch size: `values` (a list, or a mapping batch size ->
-    list), else `count` values `factor` apart centred on `centre`."""
+    list, taken as given), else `count` values `factor` apart centred on `centre`.
+
+    A centre suits one optimizer: `tuned_for` names it, and `centres` holds those of others by
+    name. Run with another optimizer, the grid takes its entry in `centres`, else a conversion
+    where one is exact enough (sgd <-> momentum: sweeps.grid.lr_centre), else the centre as it is,
+    and the launch warns before anything runs."""
     values: Any = None
-    centre: LrCentre | None = None
-    factor: float = 2.0
+    centre: LrCentre | None = field(default_factory=LrCentre)
+    factor: float = 1.41421356  # the analysis warns about grids coarser than ~sqrt(2): they overstate steps
     count: int = 5
+    tuned_for: str | None = None  # the optimizer `centre` was tuned for (null: unsaid)
+    centres: dict[str, LrCentre] | None = field(default_factory=dict)  # other optimizers', e.g. {adam: {...}}
 
 
 @dataclass
@@ -63,6 +72,7 @@ class LauncherConfig:
     threads: int | None = None     # torch CPU threads per job; null: torch's default (local), cpus_per_task (others)
     workers: int = 1               # local: jobs run at once, each in a process of its own (0: one per CPU core)
     wait: bool = True              # submitit launchers: false submits and returns (then sweeps.status)
+    progress_seconds: float = 1.0  # local: how often the progress bar re-reads the runs' records
     timeout_min: int = 120         # per job (array task); a job that reaches it checkpoints its run and requeues:
     signal_delay_s: int = 90       #   SIGUSR2 this many seconds before the limit (SLURM may send it 60 s early)
     max_requeues: int = 3          #   at most this many times per job

@@ -80,6 +80,8 @@ def format_status(status: dict) -> str:
              f"{counts[records.STALLED]} stalled, "
              f"{counts[records.BUDGET_EXHAUSTED]} budget exhausted), {counts[records.RUNNING]} running, "
              f"{counts[records.FAILED]} failed, {counts['stale']} stale, {counts['pending']} pending"
+             + (f", {counts[records.INTERRUPTED]} interrupted (a relaunch resumes them)"
+                if counts[records.INTERRUPTED] else "")
              + (f", {counts[UNREADABLE]} unreadable" if counts[UNREADABLE] else "")]
     lines += [f"  {state:10s} {name}" for name, state in status["runs"].items()
               if state in (records.FAILED, "stale", "unreadable")]

@@ -60,6 +60,19 @@ def assert_close(a, b, rtol: float, where: str = "record") -> tuple[float, str]:
     return 0.0, where
 
 
+def wait_for(condition, timeout: float, what: str):
+    """The first truthy value of condition(), polled every half second; fails after `timeout` s."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def launch(*overrides: str, timeout: float = 300, cwd=REPO, python: str = sys.executable) -> subprocess.CompletedProcess:
     """`python -m sweeps.launch OVERRIDES` in a subprocess."""
     return subprocess.run([python, "-m", "sweeps.launch", *overrides], cwd=cwd,

@@ -104,3 +104,12 @@ def test_task_defaults_come_from_the_task_constructor():
     assert parsed.task == {"name": "digits", "hidden": 16, "depth": 1, "dropout": 0.0}
     spelled_out = RunConfig.from_dict(config(task={"name": "digits", "hidden": 16, "depth": 1}))
     assert records.run_id(parsed.to_dict()) == records.run_id(spelled_out.to_dict())
+
+
+def test_more_micro_batches_than_examples_measures_per_example_norms():
+    from critbatch.gns import noise_micro_batches
+
+    parsed = RunConfig.from_dict(config(batch_size=8, noise_scale={"micro_batches": 64}))
+    assert noise_micro_batches(parsed.batch_size, parsed.noise_scale.micro_batches) == 8
+    with pytest.raises(ConfigError, match="batch_size=1 cannot measure the noise scale"):
+        RunConfig.from_dict(config(batch_size=1))

@@ -70,7 +70,7 @@ def test_two_sweeps_compare_in_one_figure(tmp_path, capsys):
     runs, notes = pareto.load_records(dirs)
     analysis = pareto.analyse(runs, notes=notes)
     figure = pareto.compare_sweeps(analysis, pareto._combos(analysis.fits))  # drawn with the other figures
-    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]  # below the axes, off the data
     assert len(legend) == 2 and legend[0].startswith("x/sweep / ") and legend[1].startswith("y/sweep / ")
     assert len(figure.axes[1].get_lines()) == 4  # each sweep's steps and its fitted hyperbola
 

@@ -109,8 +109,13 @@ def linreg_sweep(tmp_path_factory) -> Path:
 def test_cli_writes_the_table_and_the_figure(linreg_sweep, tmp_path, capsys):
     out = tmp_path / "out"
     code = ls.main([str(linreg_sweep), "--goal", "0.3", "--batch-sizes", "8", "32", "128", "512",
-                    "--draws", "300", "--bootstrap", "50", "--out", str(out), "--quiet"])
-    assert code == 0, capsys.readouterr().err
+                    "--draws", "300", "--bootstrap", "50", "--out", str(out)])
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    # progress on stderr while it works: each point, each batch size of its line search
+    for words in ("[1/", "training it again to step", "B=8 (1/4)", "B=512 (4/4)", "Hessian-vector products"):
+        assert words in said.err, said.err
+    assert "B_noise by line search" in said.out and "B=8 (1/4)" not in said.out
     table = pd.read_csv(out / "line_search.csv")
     points = pd.read_csv(out / "line_search_points.csv")
     assert (out / "figures" / "line_search.png").stat().st_size > 10_000

@@ -5,6 +5,7 @@ pack key derive from the schema; each task picks its own grid; -m is refused; --
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -53,8 +54,10 @@ def test_wrong_types_and_unknown_keys_are_refused_in_process(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("override, words", [
-    ("sweep.batch_sizes=16", ["sweep.batch_sizes"]),
+    ("sweep.batch_sizes=16", ["sweep.batch_sizes=16 must be a list of integers"]),
     ("+sweep.batch_size=[8]", ["sweep.batch_size", "did you mean sweep.batch_sizes"]),
+    ("sweep.batch_size=[8]", ["sweep.batch_size is not a setting (did you mean sweep.batch_sizes?)"]),
+    ("task=mnist1 d", ["task=mnist1 d does not exist (did you mean task=mnist1d?)"]),
 ])
 def test_the_command_line_refuses_them_with_status_2(tmp_path, override, words):
     sweep_dir = tmp_path / "sweep"
@@ -62,9 +65,61 @@ def test_the_command_line_refuses_them_with_status_2(tmp_path, override, words):
     assert result.returncode == 2, result.stderr
     for word in words:
         assert word in result.stderr
+    assert result.stderr.count("\n") == 2 and result.stderr.startswith("error: ")  # the error and "nothing..."
     assert "nothing was submitted" in result.stderr and "Traceback" not in result.stderr
-    # nothing written but what Hydra itself writes
-    assert not (sweep_dir / records.RUNS_DIR).exists() and not (sweep_dir / records.SWEEP_FILE).exists()
+    assert not sweep_dir.exists()
+
+
+# (command line, what the one error line must say, what it must not say)
+TYPOS = [
+    (["sweep.batch_sizs=[16]"], "sweep.batch_sizs is not a setting (did you mean sweep.batch_sizes?)", "+sweep"),
+    (["optimizer.lrr=0.1"], "did you mean optimizer.lr?", "+optimizer"),
+    (["budget.max_step=10"], "did you mean budget.max_steps?", "+budget"),
+    (["sweep.lr.centre.eps_str=1"], "did you mean sweep.lr.centre.eps_star?", "+sweep"),
+    (["hydra.swep.dir=x"], "did you mean hydra.sweep?", "+hydra"),
+    (["task=mnist", "task.train_exampels=10"], "did you mean task.train_examples?", "+task"),
+    (["task=mnist1 d"], "did you mean task=mnist1d?", "Available options"),
+    (["task=mnist1d_"], "did you mean task=mnist1d?", "Available options"),
+    (["experiment=paper_mnst"], "did you mean experiment=paper_mnist?", "Available options"),
+    (["optimizer=momentm"], "did you mean optimizer=momentum?", "Available options"),
+    (["task=my_task"], "'hydra.searchpath=[file:///abs/path/myconf]' (myconf/task/my_task.yaml)", "did you mean"),
+    (["task=mnist1", "d"], "cannot read the override 'd'", "Traceback"),
+    (["sweep.seeds=abc"], "sweep.seeds=abc must be a list of integers or null", "Traceback"),
+    # the one case where a + is the answer: an option of the task that its yaml does not set
+    (["task=digits", "task.module=mypkg.tasks"], "'+task.module=mypkg.tasks'", "did you mean"),
+]
+
+
+@pytest.mark.parametrize("args, says, not_said", TYPOS, ids=[" ".join(a) for a, _, _ in TYPOS])
+def test_typos_are_answered_with_the_right_key_or_name(args, says, not_said):
+    from sweeps.launch import preflight
+
+    with pytest.raises(ConfigError) as raised:
+        preflight(args)
+    message = str(raised.value)
+    assert says in message and not_said not in message, message
+    assert "\n" not in message
+
+
+def test_a_task_of_your_own_that_hydra_or_python_cannot_find(tmp_path, monkeypatch):
+    from sweeps.launch import preflight
+
+    (tmp_path / "myconf" / "task").mkdir(parents=True)
+    (tmp_path / "myconf" / "task" / "my_task.yaml").write_text(
+        "# @package _global_\ntask:\n  name: my_task\n  module: mypkg_not_on_the_path.tasks\n")
+    # the search path names the folder of the yaml rather than the one above task/
+    with pytest.raises(ConfigError, match=re.escape(f"'hydra.searchpath=[file://{tmp_path / 'myconf'}]'")):
+        preflight([f"hydra.searchpath=[file://{tmp_path / 'myconf' / 'task'}]", "task=my_task"])
+    with pytest.raises(ConfigError, match="not a folder here"):
+        preflight([f"hydra.searchpath=[file://{tmp_path / 'elsewhere'}]", "task=my_task"])
+    # found by Hydra, its module not by Python: how to put it on the path, and nothing written
+    never_runs(monkeypatch)
+    with pytest.raises(ConfigError) as raised:
+        launch_here(tmp_path / "sweep", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=my_task",
+                    "sweep=digits")
+    assert "task.module='mypkg_not_on_the_path.tasks' cannot be imported" in str(raised.value)
+    assert "PYTHONPATH" in str(raised.value) and "mypkg_not_on_the_path/" in str(raised.value)
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.fixture

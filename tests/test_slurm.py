@@ -18,7 +18,7 @@ from critbatch import records
 from critbatch.train import CHECKPOINT_FILE
 from sweeps.status import sweep_status
 from sweeps import lease as leases
-from tests.helpers import REPO, SMALL, assert_close, comparable, launch, launch_here
+from tests.helpers import REPO, SMALL, assert_close, comparable, launch, launch_here, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -44,16 +44,6 @@ def sacct_job_count() -> int:
     out = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1days"],
                          capture_output=True, text=True, check=True).stdout
     return len(out.split())
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_slurm_sweep_completes_and_records_load(tmp_path):

@@ -1,20 +1,24 @@
 """sweeps: grid expansion, validation before submission, local launch, relaunch, status."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from critbatch import records
-from sweeps.grid import SweepError, centred_lr, expand, group_runs, lr_grid
+from sweeps.grid import SweepError, centred_lr, expand, group_runs, lr_grid, lr_grid_note
 from sweeps.status import sweep_status
-from tests.helpers import REPO, SMALL, compose, launch, launch_here
+from tests.helpers import REPO, SMALL, compose, launch, launch_here, wait_for
 
 
 def base_cfg(**changes) -> dict:
@@ -48,6 +52,75 @@ def test_explicit_grids_per_batch_size():
     assert lr_grid(8, {"values": {8: [0.3], 16: [0.5]}}) == [0.3]
     with pytest.raises(SweepError, match="no entry for batch size 32"):
         lr_grid(32, {"values": {8: [0.3]}})
+
+
+def test_each_optimizer_gets_its_own_lr_centre():
+    lr = {"tuned_for": "sgd", "centre": {"eps_star": 3.0, "b_star": 200, "alpha": 1.0}, "factor": 2.0, "count": 3,
+          "centres": {"adam": {"eps_star": 0.03, "b_star": 512, "alpha": 0.5}}}
+    sgd = lr_grid(64, lr, {"name": "sgd"})
+    assert sgd[1] == pytest.approx(centred_lr(64, 3.0, 200, 1.0), rel=1e-5)
+    assert lr_grid_note(lr, {"name": "sgd"}) is None
+    # momentum m has no centre here: the same effective step lr/(1 - m)
+    for m in (0.9, 0.5):
+        assert lr_grid(64, lr, {"name": "momentum", "momentum": m}) == pytest.approx([x * (1 - m) for x in sgd], rel=1e-5)
+    level, note = lr_grid_note(lr, {"name": "momentum", "momentum": 0.9})
+    assert level == "info" and "sweep.lr.tuned_for=momentum" in note
+    # and back: a centre tuned for momentum serves SGD
+    back = {**lr, "tuned_for": "momentum"}
+    assert lr_grid(64, back, {"name": "sgd", "momentum": 0.9}) == pytest.approx([x * 10 for x in sgd], rel=1e-5)
+    # adam: its own centre, else the tuned one as it is, with a warning
+    assert lr_grid(64, lr, {"name": "adam"})[1] == pytest.approx(centred_lr(64, 0.03, 512, 0.5), rel=1e-5)
+    level, note = lr_grid_note(lr, {"name": "adam"})
+    assert level == "info" and "sweep.lr.centres.adam" in note and "sweep.lr.tuned_for=adam" in note
+    alone = {**lr, "centres": None}
+    assert lr_grid(64, alone, {"name": "adam"}) == sgd
+    level, warning = lr_grid_note(alone, {"name": "adam"})
+    assert level == "warning" and "tuned for sgd" in warning and "sweep.lr.tuned_for=adam" in warning
+    # explicit values are taken as given; a grid that does not say what it was tuned for, too
+    assert lr_grid(64, {**lr, "values": [0.1]}, {"name": "adam"}) == [0.1]
+    assert lr_grid_note({**lr, "values": [0.1]}, {"name": "adam"}) is None
+    assert lr_grid(64, {**lr, "tuned_for": None}, {"name": "adam"}) == sgd
+
+
+def test_the_default_task_has_a_centre_for_each_optimizer_it_ships():
+    grids = {name: expand(compose(f"optimizer={name}")) for name in ("sgd", "momentum", "adam")}
+    lrs = {name: {r.config["batch_size"]: sorted({x.config["optimizer"]["lr"] for x in runs
+                                                  if x.config["batch_size"] == r.config["batch_size"]})
+                  for r in runs} for name, runs in grids.items()}
+    for batch_size in (16, 1024):  # three different grids, none of them another optimizer's
+        assert len({tuple(lrs[name][batch_size]) for name in lrs}) == 3
+    assert max(lrs["momentum"][16]) < min(lrs["sgd"][16])      # momentum steps lr/(1 - 0.9) per unit gradient
+    assert max(lrs["adam"][1024]) < min(lrs["momentum"][1024])
+
+
+def test_a_grid_tuned_for_another_optimizer_is_warned_before_anything_runs(tmp_path, caplog):
+    sweep_dir = tmp_path / "sweep"
+    with caplog.at_level(logging.INFO):  # digits' grid was tuned for SGD and has no centre for Adam
+        code = launch_here(sweep_dir, *SMALL, "optimizer=adam", "sweep.batch_sizes=[16]", "sweep.lr.count=1",
+                           "budget.max_steps=3", "launcher.workers=1")
+    assert code == 0
+    said = [r.getMessage() for r in caplog.records]
+    warned = next(i for i, m in enumerate(said) if m.startswith("warning: sweep.lr.centre was tuned for sgd"))
+    started = next(i for i, m in enumerate(said) if "1 to run" in m)
+    assert warned < started
+
+
+@pytest.mark.slow
+def test_momentum_on_the_default_task_trains_on_a_grid_of_its_own(tmp_path):
+    """Before: momentum took SGD's grid and most runs diverged."""
+    sweep_dir = tmp_path / "sweep"
+    done = launch("optimizer=momentum", "sweep.batch_sizes=[16,1024]", "sweep.seeds=[0]", "goals.thresholds=[0.5,0.3]",
+                  "launcher.threads=1", f"hydra.sweep.dir={sweep_dir}", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+    frame = records.load_sweep(sweep_dir)
+    statuses = frame.groupby("run_id")["status"].first()
+    assert len(statuses) == 12 and (statuses == records.DIVERGED).sum() <= 1, statuses.value_counts()
+    from critbatch.tradeoff import best_runs
+
+    best = best_runs(frame)
+    best = best[best["goal_threshold"] == 0.3]
+    assert len(best) == 2 and best["reached"].all() and not best["lr_at_grid_edge"].any(), best
 
 
 def test_expand_gives_every_batch_size_lr_and_seed_once():
@@ -171,7 +244,49 @@ def test_bad_config_fails_fast_and_creates_nothing(tmp_path, override, message):
     assert result.returncode == 2
     assert message in result.stderr and "nothing was submitted" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (sweep_dir / records.RUNS_DIR).exists() and not (sweep_dir / ".submitit").exists()
+    assert not sweep_dir.exists()  # no folder, no .hydra, no launch.log
+
+
+@pytest.mark.slow
+def test_a_refused_launch_leaves_no_timestamped_folder(tmp_path):
+    root, here = tmp_path / "sweeps_out", tmp_path / "here"
+    here.mkdir()
+    for refused in (["+sweep.batch_sizs=[8]"],                                             # a setting
+                    ["task=mnist", "sweep=digits", f"paths.data_dir={tmp_path / 'no_data'}"]):  # missing data
+        result = launch(*SMALL, *refused, f"paths.sweep_root={root}", timeout=120, cwd=here)
+        assert result.returncode == 2 and "nothing was submitted" in result.stderr, result.stderr
+        assert not root.exists(), sorted(root.rglob("*"))
+        assert not any(here.iterdir())  # nor a log in the directory it was started from
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, group_by", [(1, "all"), (2, "batch_size")])
+def test_progress_moves_run_by_run_with_the_time_left(tmp_path, workers, group_by):
+    """Before: the bar moved a job (all lrs of a batch size) at a time, without a time left."""
+    sweep_dir = tmp_path / "sweep"
+    # runs of a second or so each (the budget ends them, the goal 0.001 is out of reach), polled
+    # ten times a second so that no two runs end between two polls
+    result = launch(*SMALL, "goals.thresholds=[0.3,0.001]", "budget.max_steps=2500", f"launcher.workers={workers}",
+                    "launcher.progress_seconds=0.1",
+                    f"launcher.group_by={group_by}", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr
+    counts = {int(n) for n in re.findall(r"\] (\d)/4 runs", result.stderr)}
+    boundaries = {0, 4} if group_by == "all" else {0, 2, 4}
+    assert counts - boundaries, result.stderr  # a count no job boundary gives
+    assert 4 in counts and re.search(r"\d/4 runs \S+, about \S+ left", result.stderr), result.stderr
+
+
+def test_the_progress_bar_says_how_long_is_left(caplog):
+    from sweeps.launch import Progress
+
+    with caplog.at_level(logging.INFO):
+        progress = Progress(10, 2)  # 2 complete before: they say nothing about the rate
+        time.sleep(0.2)
+        progress.show(4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "2/10 runs" in lines[0] and "left" not in lines[0]
+    left = re.search(r"4/10 runs \S+, about (\d+)s left", lines[-1])
+    assert left and 0 < int(left.group(1)) <= 3  # 2 runs took 0.2 s: 6 more take about 0.6 s
 
 
 def test_status_command(tmp_path):
@@ -261,26 +376,37 @@ def test_good_inputs_next_to_the_bad_ones_are_accepted():
         assert runs
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_sweep_directory_holds_one_sweep_definition(tmp_path):
     sweep_dir = tmp_path / "sweep"
     assert launch(*SMALL, f"hydra.sweep.dir={sweep_dir}").returncode == 0
     manifest = (sweep_dir / "sweep.json").read_bytes()
     assert json.loads(manifest)["variant"] == records.sweep_variant(expand(compose(*SMALL))[0].config)
     runs = sorted(p.name for p in (sweep_dir / records.RUNS_DIR).iterdir())
+    assert "max_steps: 400" in (sweep_dir / ".hydra" / "config.yaml").read_text()
+    before = snapshot(sweep_dir)
     shorter = [o for o in SMALL if not o.startswith("budget.")] + ["budget.max_steps=300"]
     refused = launch(*shorter, f"hydra.sweep.dir={sweep_dir}")
     assert refused.returncode == 2 and "nothing was submitted" in refused.stderr
     for words in ("budget.max_steps", "400", "300", "hydra.sweep.dir", "sweep.allow_new_variant=true"):
         assert words in refused.stderr
+    # not a byte changed: sweep.json, .hydra/ (its config is still the one the runs used), launch.log
+    assert snapshot(sweep_dir) == before
     assert (sweep_dir / "sweep.json").read_bytes() == manifest
     assert sorted(p.name for p in (sweep_dir / records.RUNS_DIR).iterdir()) == runs
     with pytest.raises(SweepError, match="task.hidden"):  # any identity-defining setting
         launch_here(sweep_dir, *SMALL, "task.hidden=64")
-    assert (sweep_dir / "sweep.json").read_bytes() == manifest
+    assert snapshot(sweep_dir) == before
     # Asked for explicitly, the directory takes the new variant; it never counts both.
     allowed = launch(*shorter, "sweep.allow_new_variant=true", f"hydra.sweep.dir={sweep_dir}")
     assert allowed.returncode == 0, allowed.stderr
     assert "4 already complete, 4 to run" not in allowed.stderr and "0 already complete, 4 to run" in allowed.stderr
+    assert "max_steps: 300" in (sweep_dir / ".hydra" / "config.yaml").read_text()  # the launch that ran
     assert sum(sweep_status(sweep_dir)["counts"].values()) == 4
     with pytest.warns(UserWarning, match="variant"):
         frame = records.load_sweep(sweep_dir)
@@ -361,3 +487,41 @@ def test_a_full_disk_mid_run(tmp_path):
                 record["status"] == records.FAILED and "No space left on device" in record["summary"]["error"])
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_with_one_line_and_a_relaunch_resumes(tmp_path, workers):
+    """Ctrl-C (SIGINT to the terminal's whole process group) ends the launch with one line that says
+    how to resume, no traceback; the runs it stopped are `interrupted` with their state saved, and
+    the relaunch it names resumes them to the end."""
+    import signal
+
+    sweep_dir = tmp_path / "sweep"
+    slow = ["task=digits", "sweep.batch_sizes=[16,32]", "sweep.lr.values=[0.05]", "sweep.seeds=[0]",
+            "goals.metric=train_loss", "goals.thresholds=[1e-9]", "divergence.stall_steps=0",
+            "budget.max_steps=5000", "log.checkpoint_seconds=0.5", "launcher.threads=1", f"launcher.workers={workers}",
+            "launcher.group_by=run",
+            f"hydra.sweep.dir={sweep_dir}"]
+    process = subprocess.Popen([sys.executable, "-m", "sweeps.launch", *slow], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: any(records.read_record(p)["summary"]["steps"] > 0 for p in sweep_dir.rglob(records.RECORD_FILE)),
+             120, "training to start")
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and "resume with:" in last and f"hydra.sweep.dir={sweep_dir}" in last, err
+    stopped = [p for p in sweep_dir.rglob(records.RECORD_FILE)
+               if records.read_record(p)["status"] == records.INTERRUPTED]
+    assert stopped and all((p.parent / "checkpoint.pt").exists() for p in stopped)
+    assert sweep_status(sweep_dir)["counts"][records.INTERRUPTED] == len(stopped)
+    steps = {p: records.read_record(p)["summary"]["steps"] for p in stopped}
+    resumed = launch(*slow, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    for path, at in steps.items():
+        record = records.read_record(path)
+        resumed_at = record["summary"]["resumed_at"]
+        assert record["status"] == records.BUDGET_EXHAUSTED and len(resumed_at) == 1 and resumed_at[0] >= at
+    assert max(steps.values()) > 0  # (a run stopped while it set up resumes from step 0)

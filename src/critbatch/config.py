@@ -128,7 +128,9 @@ class BudgetConfig:
 class NoiseScaleConfig:
     enabled: bool = True
     every: int = ranged(10, 1)             # measure B_simple on every n-th step (bounded cost)
-    micro_batches: int = ranged(4, 2)      # B_small = B / micro_batches, B_big = B
+    # B_small = B/k, B_big = B, with k the largest divisor of B up to micro_batches: a number at
+    # least as large as every B of a sweep measures per-example norms (k = B) at each of them
+    micro_batches: int = ranged(4, 2)
     # The estimate is averaged over a window of this fraction of the steps so far (at least
     # min_examples examples), so that at a goal it is the noise scale of the parameters that
     # reached it, in a short run as in a long one.
@@ -224,10 +226,12 @@ class RunConfig:
             return values
         if "task" in values and (not isinstance(values["task"], dict) or "name" not in values["task"]):
             raise ConfigError(f"task must be a mapping with a 'name' (a registered task), got {values['task']!r}")
+        from critbatch.tasks import task_options
+
         config = settings_from_dict(cls, dict(values))
         task = config.validate()
         # the task's defaults from its constructor, the one place they live: part of the identity
-        return dataclasses.replace(config, task={"name": task.name, **task_defaults(config.task), **config.task})
+        return dataclasses.replace(config, task={"name": task.name, **task_options(task.name), **config.task})
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain_values(dataclasses.asdict(self))
@@ -271,10 +275,10 @@ class RunConfig:
         if budget.max_steps is None and budget.max_examples is None and budget.max_seconds is None:
             raise ConfigError("budget: set at least one of max_steps, max_examples, max_seconds")
         ns = self.noise_scale
-        if ns.enabled and ns.micro_batches > self.batch_size:
-            raise ConfigError(f"noise_scale.micro_batches={ns.micro_batches} exceeds batch_size={self.batch_size}: "
-                              "the noise scale needs at least two micro-batches of one example or more; "
-                              "lower micro_batches, raise the batch size or set noise_scale.enabled=false")
+        if ns.enabled and self.batch_size < 2:
+            raise ConfigError(f"batch_size={self.batch_size} cannot measure the noise scale, which needs at least two "
+                              "micro-batches of one example or more: raise the batch size or set "
+                              "noise_scale.enabled=false")
         if ns.hessian_draws > 1 and ns.hessian_micro_batch is None:
             raise ConfigError(f"noise_scale.hessian_draws={ns.hessian_draws} draws batches of their own for B_noise, "
                               "of noise_scale.hessian_micro_batch examples per micro-batch, which is null: set it "
@@ -296,13 +300,6 @@ def check_auto_or_bool(name: str, value) -> None:
     """Settings that are on, off, or decided where the run happens (auto)."""
     if value not in (True, False, "auto"):
         raise ConfigError(f"{name}={value!r}; choose true, false or auto")
-
-
-def task_defaults(task: dict) -> dict:
-    """The options of task `task["name"]` that its constructor defaults (critbatch.tasks)."""
-    from critbatch.tasks import task_options
-
-    return task_options(task["name"])
 
 
 def curvature_unsupported(config: RunConfig, task: Task) -> str | None:

@@ -77,7 +77,7 @@ def curvature_forms_autograd(model: torch.nn.Module, loss: Callable, x: torch.Te
 
 def b_noise_at(model: torch.nn.Module, loss: Callable, batches, micro_batches: int, draws: int):
     """B_noise of `model` as it is (fixed parameters): a plain-mean NoiseScale (critbatch.gns) of
-    the curvature forms on `draws` batches from `batches` (e.g. critbatch.train.Batches), each
+    the curvature forms on `draws` batches from `batches` (e.g. critbatch.batches.Batches), each
     split into `micro_batches`."""
     from critbatch.gns import NoiseScale
 

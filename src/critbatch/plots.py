@@ -324,3 +324,70 @@ def training_curves(curves: pd.DataFrame, best: pd.DataFrame, goal: str, metric:
     fig.suptitle(f"Training curves of the best run at each B for {goal} (dashed: goal thresholds; "
                  f"dot: where the goal was reached)" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     return fig
+
+
+#: the paper's "within an order of magnitude": B_simple predicts B_crit when their ratio lies in [1/10, 10]
+ORDER_OF_MAGNITUDE = 10.0
+
+
+def b_crit_vs_b_simple_across(table: pd.DataFrame, reference: pd.DataFrame | None = None,
+                              title: str | None = None) -> Figure:
+    """The paper's summary figure (McCandlish et al. 2018, Fig. 4 and Table 1) for several
+    experiments: B_crit (the fit, with its interval) against B_simple at every fitted goal,
+    log-log, one colour per experiment (column `label`): B_simple at the goal (filled circles,
+    annotated with the goal's threshold) and averaged along the path to it (open squares, joined
+    to the goal's circle), with y = x and the band within a factor ORDER_OF_MAGNITUDE of it.
+    `table`: one row per goal with label, goal_threshold, b_crit, b_crit_low, b_crit_high,
+    b_simple and b_simple_path (NaN where not measured). `reference`: points drawn in grey
+    (columns label, b_simple, b_crit), e.g. the paper's own Table 1. The legend sits outside the
+    axes, where it covers no point."""
+    fig = Figure(figsize=(10.5, 6.4), layout="constrained")
+    ax = fig.subplots()
+    values = []
+    for i, (label, rows) in enumerate(table.groupby("label", sort=False)):
+        color = f"C{i % 10}"
+        yerr = _yerr(rows["b_crit"], rows["b_crit_low"], rows["b_crit_high"])
+        for column, marker, filled in (("b_simple", "o", True), ("b_simple_path", "s", False)):
+            shown = rows[column].notna().to_numpy() & (rows[column] > 0).to_numpy()
+            if shown.any():
+                ax.errorbar(rows[column][shown], rows["b_crit"][shown], yerr=yerr[:, shown], fmt=marker,
+                            color=color, mfc=color if filled else "none", capsize=2, ms=6, elinewidth=0.8)
+                values += rows[column][shown].tolist() + rows["b_crit_low"][shown].tolist() \
+                    + rows["b_crit_high"][shown].tolist() + rows["b_crit"][shown].tolist()
+        for _, r in rows.iterrows():
+            if np.isfinite(r["b_simple"]) and np.isfinite(r["b_simple_path"]):
+                ax.plot([r["b_simple"], r["b_simple_path"]], [r["b_crit"]] * 2, "-", color=color, lw=0.6, alpha=0.6)
+            if np.isfinite(r["b_simple"]) and np.isfinite(r.get("goal_threshold", np.nan)):
+                ax.annotate(f"{r['goal_threshold']:g}", (r["b_simple"], r["b_crit"]), fontsize=6, color=color,
+                            xytext=(4, -9), textcoords="offset points")
+        ax.plot([], [], "o", color=color, label=label)
+    if reference is not None and len(reference):
+        ax.plot(reference["b_simple"], reference["b_crit"], "X", color="0.45", ms=8, ls="")
+        for _, r in reference.iterrows():
+            ax.annotate(r["label"], (r["b_simple"], r["b_crit"]), fontsize=6.5, color="0.35",
+                        xytext=(5, 3), textcoords="offset points")
+        values += reference["b_simple"].tolist() + reference["b_crit"].tolist()
+        ax.plot([], [], "X", color="0.45", ls="", label="paper's Table 1 (start, average)")
+    ax.plot([], [], "o", color="0.4", label="x: B_simple at the goal (goal's threshold beside it)")
+    ax.plot([], [], "s", color="0.4", mfc="none", label="x: B_simple averaged along the path")
+    values = np.asarray([v for v in values if np.isfinite(v) and v > 0])
+    if values.size:
+        lo, hi = values.min() / 2, values.max() * 2
+        line = np.geomspace(lo, hi, 50)
+        ax.fill_between(line, line / ORDER_OF_MAGNITUDE, line * ORDER_OF_MAGNITUDE, color="0.9", zorder=0,
+                        label=f"within {ORDER_OF_MAGNITUDE:g}x of y = x")
+        ax.plot(line, line, "--", color="0.4", lw=1, label="B_crit = B_simple")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "nothing to show: no goal has both a fit and B_simple", transform=ax.transAxes,
+                ha="center")
+    ax.set_xlabel("simple noise scale B_simple")
+    ax.set_ylabel("critical batch size B_crit (fit, 95% interval)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_aspect("equal", adjustable="box")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7.5)
+    ax.set_title(title or "B_crit against B_simple at every fitted goal, across tasks", fontsize=10)
+    return fig

@@ -549,6 +549,8 @@ def _settings(record: dict, path: Path, sweep: str) -> dict:
         "run_dir": str(path.parent), "task": config["task"]["name"],
         "optimizer": config["optimizer"]["name"], "batch_size": int(config["batch_size"]),
         "lr": float(config["optimizer"]["lr"]), "seed": config.get("seed"), "status": record["status"],
+        # the data where the task's name and options do not say it (Task.fingerprint), e.g. mnist-5k
+        "dataset": (record["summary"].get("data") or {}).get("dataset"),
     }
 
 
@@ -606,8 +608,8 @@ def load_sweep(sweep_dir: str | os.PathLike | Sequence[str | os.PathLike]):
                 **init,
                 "total_steps": summary.get("steps"), "total_examples": summary.get("examples"),
             })
-    columns = ["sweep", "variant", "run_id", "run_name", "run_dir", "task", "optimizer", "batch_size", "lr", "seed",
-               "status", "goal_metric", "goal_threshold", "goal", "reached", "censored", "steps", "examples",
+    columns = ["sweep", "variant", "run_id", "run_name", "run_dir", "task", "dataset", "optimizer", "batch_size", "lr",
+               "seed", "status", "goal_metric", "goal_threshold", "goal", "reached", "censored", "steps", "examples",
                "wall_time", *GOAL_NOISE_COLUMNS, *INIT_NOISE_COLUMNS, "total_steps", "total_examples"]
     frame = pd.DataFrame(rows, columns=columns)
     frame.attrs["problems"] = problems

@@ -39,7 +39,7 @@ from critbatch.monitor import GoalCrossings, NoiseMeasurements, RunBook, Smoothe
 from critbatch.packed import check_packable
 from critbatch.probes import initial_mean_loss, probe_noise, untouched
 from critbatch.steps import make_step
-from critbatch.tasks import Task, TaskError
+from critbatch.tasks import Task, check_fingerprint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # 4: the step's state as critbatch.steps keeps it, the books' typed goals and summary, the data's
@@ -407,12 +407,6 @@ class Training:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        data = self.task.fingerprint()
-        if state["data"] != data:
-            changed = sorted(k for k in set(data) | set(state["data"]) if data.get(k) != state["data"].get(k))
-            raise TaskError(f"{self.checkpoint_path}: the run's data changed since its checkpoint was saved "
-                            f"(task {self.task.name!r}, {', '.join(changed)}: {state['data']} -> {data}); "
-                            "restore the data it trained on, or delete the checkpoint to train it afresh")
         for key in ("step", "next_log", "next_eval", "elapsed", "last_evaluation", "last_scheduled",
                     "latest_evaluation", "last_curvature", "next_snapshot"):
             setattr(self, key, state[key])
@@ -493,6 +487,8 @@ def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None
     if packed:
         check_packable(configs)
     task = configs[0].build_task()
+    if state is not None:  # before any record is touched: parameters trained on other data are not resumed
+        check_fingerprint(task, state["data"], Path(resume_dir) / CHECKPOINT_FILE)
     books = [RunBook(c, d if ranks.main else None, guard=guard if ranks.main else None)
              for c, d in zip(configs, out_dirs)]
     checkpoint_dir = resume_dir or next((d for d in out_dirs if d is not None), None)

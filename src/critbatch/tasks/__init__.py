@@ -37,8 +37,9 @@ class Task:
     """Base class. Subclasses set `name`, `batch_metrics`, and implement the hooks below.
 
     Finite datasets keep `inputs` / `targets` as tensors on the training device and batches are
-    `inputs[indices]`; streaming tasks (fresh samples every step) set `dataset_size = None` and
-    implement `sample(n, generator)`.
+    `inputs[indices]` (or whatever `batch(indices)` makes of them, e.g. windows of a text);
+    streaming tasks (fresh samples every step) set `dataset_size = None` and implement
+    `sample(n, generator)`.
     """
 
     name: str = ""
@@ -77,15 +78,18 @@ class Task:
         return {"loss": loss.detach()}
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The examples at `index` (a tensor of dataset positions) as (inputs, targets)."""
+        """The examples at `index` (integers in [0, dataset_size), on the data's device) as (inputs,
+        targets). A task whose examples are not stored one by one (windows of a text) makes them here."""
         return self.inputs.index_select(0, index), self.targets.index_select(0, index)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"task {self.name!r} has a finite dataset; index it instead")
 
     def fingerprint(self) -> dict:
-        """What identifies the loaded data beyond the task's options (e.g. a checksum of a user's
-        file), kept in the record's summary and the checkpoint: a run resumes only on the same data."""
+        """What the data is beyond the task's options (e.g. {"dataset": "mnist-5k"}, a text's SHA-256
+        and vocabulary), known without loading: the record's summary.data and the checkpoint keep
+        it, and a checkpoint whose fingerprint differs is not resumed (check_fingerprint). Plain
+        JSON values; {} for a task whose name and options say it all."""
         return {}
 
     @torch.no_grad()
@@ -138,6 +142,17 @@ class ClassificationTask(Task):
             model.train(training)
         return {"clean_train_loss": float(self.loss(output, y)),
                 "clean_train_error": float((output.argmax(dim=1) != y).float().mean())}
+
+
+def check_fingerprint(task: Task, saved: dict, source) -> None:
+    """Refuse to resume from `source` (a checkpoint) trained on other data than `task` has now."""
+    current = task.fingerprint()
+    differ = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+    if differ:
+        raise TaskError(f"{source} was trained on other data than task {task.name!r} has now (fingerprint field(s) "
+                        f"{differ} differ: saved {[saved.get(k) for k in differ]}, now "
+                        f"{[current.get(k) for k in differ]}); it is not resumed. Restore the data it was "
+                        "trained on to resume it, or delete it (and the run's record) to train afresh")
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -238,3 +253,5 @@ def build_task(name: str, module: str | None = None, **options) -> Task:
 from critbatch.tasks import digits, synthetic  # noqa: E402,F401
 from critbatch.tasks import cifar10, mnist, svhn  # noqa: E402,F401
 from critbatch.tasks import mnist1d  # noqa: E402,F401
+from critbatch.tasks import text  # noqa: E402,F401
+from critbatch.tasks import mnist_vae  # noqa: E402,F401
