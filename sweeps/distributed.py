@@ -17,12 +17,16 @@ Every rank of a job runs sweeps.jobs.run_group: rank 0 claims the runs (their le
 heartbeats are per run, held by rank 0) and tells the others which; all train them together.
 When a rank fails, the job fails: the ranks left record the run as failed and exit non-zero, and
 whatever still runs is killed (here after KILL_GRACE_S; on SLURM by srun --kill-on-bad-exit), so
-no job hangs.
+no job hangs. Ranks spawned here also die with the process that spawned them (`die_with`): a
+spawner killed outright (kill -9, the OOM killer, a test's timeout) has no chance to stop them,
+and a rank waiting in a collective runs no signal handler until rank_timeout_s has passed.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import sys
 import pickle
 import signal
 import socket
@@ -148,7 +152,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(function, args, kwargs, rank: int, size: int, port: int, queue) -> None:
+#: prctl(2) option: the signal the kernel sends this process when the thread that started it ends.
+PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL this process as soon as `parent` (the pid that started it) ends, however it ends.
+
+    An orphaned rank is otherwise left behind: a healthy one trains on with nobody to collect its
+    result, and one whose peer is gone waits in a collective, where its Python SIGTERM handler
+    (critbatch.train.Interrupt) cannot run, for rank_timeout_s. Linux: the kernel sends the
+    signal (prctl PR_SET_PDEATHSIG; it fires when the *thread* that started this process ends, so
+    spawn_ranks waits for its ranks in the thread that started them); elsewhere a thread polls."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if libc is None or libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="die with parent", daemon=True).start()
+    if os.getppid() != parent:  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rank_main(function, args, kwargs, rank: int, size: int, port: int, queue, parent: int) -> None:
+    die_with(parent)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), RANK: str(rank), WORLD_SIZE: str(size),
                        LOCAL_RANK: str(rank), "LOCAL_WORLD_SIZE": str(size)})
     try:
@@ -159,7 +188,11 @@ def _rank_main(function, args, kwargs, rank: int, size: int, port: int, queue) -
         except Exception:
             exc = RuntimeError(f"{type(exc).__name__}: {exc}")
         queue.put((rank, False, exc))
-        raise SystemExit(1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # not SystemExit: the interpreter's teardown destroys a process group whose peer is gone,
+        # which can wait on it (NCCL); the failure is reported, nothing is left to clean up
+        os._exit(1)
     queue.put((rank, True, result if rank == 0 else None))
 
 
@@ -177,8 +210,9 @@ def spawn_ranks(function, args: tuple, kwargs: dict, spec: RankSpec):
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
     queue = context.SimpleQueue()
     port = _free_port()
-    ranks = [context.Process(target=_rank_main, args=(function, args, kwargs, rank, spec.processes, port, queue),
-                             name=f"rank {rank}") for rank in range(spec.processes)]
+    ranks = [context.Process(target=_rank_main, name=f"rank {rank}",
+                             args=(function, args, kwargs, rank, spec.processes, port, queue, os.getpid()))
+             for rank in range(spec.processes)]
 
     def forward(signum, frame):
         for process in ranks:
@@ -197,7 +231,8 @@ def spawn_ranks(function, args: tuple, kwargs: dict, spec: RankSpec):
             while not queue.empty():
                 rank, ok, value = queue.get()
                 reports[rank] = (ok, value)
-            if failed_at is None and any(process.exitcode not in (None, 0) for process in ranks):
+            if failed_at is None and (any(process.exitcode not in (None, 0) for process in ranks)
+                                      or any(not ok for ok, _ in reports.values())):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > KILL_GRACE_S:
                 for process in ranks:

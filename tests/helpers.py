@@ -73,6 +73,37 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and _parent(int(entry.name)) == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process `pid` started, and theirs, as now."""
+    found = children(pid)
+    return found + [d for child in found for d in descendants(child)]
+
+
+def running(pids) -> list[int]:
+    """Those of `pids` that still run (a zombie has ended: it waits only to be reaped)."""
+    def alive(pid: int) -> bool:
+        try:
+            state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            return False
+        return "zombie" not in state
+
+    return [pid for pid in pids if alive(pid)]
+
+
 def launch(*overrides: str, timeout: float = 300, cwd=REPO, python: str = sys.executable) -> subprocess.CompletedProcess:
     """`python -m sweeps.launch OVERRIDES` in a subprocess."""
     return subprocess.run([python, "-m", "sweeps.launch", *overrides], cwd=cwd,

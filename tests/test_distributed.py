@@ -21,13 +21,13 @@ from critbatch import records
 from critbatch.config import ConfigError, RunConfig
 from critbatch.distributed import RankFailure, data_parallel_problem, join
 from critbatch.steps import NoiseMeasurement, PlainStep, make_step
-from critbatch.train import train
+from critbatch.train import Interrupt, train
 from sweeps import distributed
 from sweeps import lease as leases
 from sweeps.distributed import RankSpec, spawn_ranks
 from sweeps.jobs import run_group
 from sweeps.status import sweep_status
-from tests.helpers import REPO, SMALL, assert_close, comparable, launch_here
+from tests.helpers import REPO, SMALL, assert_close, children, comparable, descendants, launch_here, running, wait_for
 
 def digits(optimizer: str, lr: float, **changes) -> dict:
     return {"task": {"name": "digits", "hidden": 32}, "optimizer": {"name": optimizer, "lr": lr}, "batch_size": 32,
@@ -126,37 +126,25 @@ LONG = ["task=digits", "sweep.batch_sizes=[32]", "sweep.lr.values=[0.05]", "swee
 
 def rank_pids(launch_pid: int, run_dir: Path) -> dict[int, int]:
     """The rank processes a launch spawned, by rank: rank 0 holds the run's lease, rank 1 is the
-    other one (a process's environment as /proc shows it is the one it started with, before
-    sweeps.distributed set RANK in it)."""
+    other one."""
     lease = leases.read_lease(run_dir)
-    children = []
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text() if entry.name.isdigit() else ""
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
-        if parent == launch_pid and b"spawn_main" in cmdline:
-            children.append(int(entry.name))
-    if lease is None or lease.pid not in children or len(children) != 2:
+    spawned = [pid for pid in children(launch_pid) if b"spawn_main" in _cmdline(pid)]
+    if lease is None or lease.pid not in spawned or len(spawned) != 2:
         return {}
-    return {0: lease.pid, 1: next(pid for pid in children if pid != lease.pid)}
+    return {0: lease.pid, 1: next(pid for pid in spawned if pid != lease.pid)}
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def start_launch(sweep_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sweeps.launch", *LONG, *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a process group of its own, as a terminal's
 
 
 def training_started(sweep_dir: Path) -> Path | None:
@@ -180,6 +168,7 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_within_the_timeout(tmp_path, ra
     try:
         record_path = wait_for(lambda: training_started(sweep_dir), 240, "training to start")
         ranks = wait_for(lambda: rank_pids(launched.pid, record_path.parent), 30, "the ranks")
+        spawned = descendants(launched.pid)  # the ranks and multiprocessing's resource tracker
         os.kill(ranks[rank], how)
         hurt = time.time()
         _, stderr = launched.communicate(timeout=TIMEOUT_S + distributed.KILL_GRACE_S + 60)
@@ -190,8 +179,8 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_within_the_timeout(tmp_path, ra
     # a dead rank is noticed at once, a hung one after the timeout; either way no process is left
     assert took < (TIMEOUT_S if how == signal.SIGSTOP else 0) + distributed.KILL_GRACE_S + 30, took
     assert launched.returncode == 1, stderr
-    assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-                   for pid in ranks.values())
+    assert set(ranks.values()) <= set(spawned)
+    wait_for(lambda: not running(spawned), 10, "every process the launch started to end")
     record = records.read_record(record_path)
     assert record["status"] == records.FAILED
     assert "another rank died or did not answer" in record["summary"]["error"], record["summary"]["error"]
@@ -203,9 +192,10 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_within_the_timeout(tmp_path, ra
 
 @pytest.mark.slow
 def test_a_run_interrupted_on_two_ranks_resumes_from_its_checkpoint_as_its_twin(tmp_path):
-    """SIGTERM to the launch reaches both ranks: they stop at the same step boundary, rank 0
-    saves the state (with every rank's dropout stream), and the relaunch's ranks all resume
-    from it. Dropout makes the ranks' random streams matter."""
+    """Ctrl-C (SIGINT to the launch and its ranks) ends the launch as it ends one of one process
+    (one line that says how to resume, exit 130): the ranks stop at the same step boundary, rank 0
+    saves the state (with every rank's dropout stream), and the relaunch's ranks all resume from
+    it. Dropout makes the ranks' random streams matter."""
     run = ["budget.max_steps=1500", "task.dropout=0.2", "task.hidden=32", "optimizer=momentum"]
     twin = subprocess.run([sys.executable, "-m", "sweeps.launch", *LONG, *run,
                            f"hydra.sweep.dir={tmp_path / 'twin'}"], cwd=REPO, capture_output=True, text=True,
@@ -215,11 +205,14 @@ def test_a_run_interrupted_on_two_ranks_resumes_from_its_checkpoint_as_its_twin(
     launched = start_launch(sweep_dir, *run)
     try:
         record_path = wait_for(lambda: training_started(sweep_dir), 240, "training to start")
-        launched.send_signal(signal.SIGTERM)
-        launched.communicate(timeout=120)
+        os.killpg(launched.pid, signal.SIGINT)
+        _, stderr = launched.communicate(timeout=120)
     finally:
         if launched.poll() is None:
             launched.kill()
+    assert launched.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: 1 run(s) stopped"), stderr
     interrupted = records.read_record(record_path)
     assert interrupted["status"] == records.INTERRUPTED, interrupted["summary"]
     assert (record_path.parent / "checkpoint.pt").exists()
@@ -233,6 +226,46 @@ def test_a_run_interrupted_on_two_ranks_resumes_from_its_checkpoint_as_its_twin(
     assert resumed["summary"]["processes"] == 2
     resumed["summary"]["resumed_at"] = None  # as its twin, which never resumed
     assert comparable(resumed) == comparable(expected)  # the same computation: equal, not close
+
+
+def _wait_in_a_collective(pid_dir: str) -> None:
+    """A rank of the orphan test: rank 1 stops answering; rank 0 waits for it in a collective with
+    the training loop's SIGTERM handler installed (it only sets a flag, read at a step boundary)."""
+    ranks = join(600, "cpu")
+    with Interrupt().handling((signal.SIGTERM, signal.SIGINT)):
+        (Path(pid_dir) / str(os.getpid())).write_text(str(ranks.rank))
+        if ranks.rank == 1:
+            time.sleep(600)
+        ranks.mean(torch.zeros(1))
+
+
+SPAWNER = """import sys
+from sweeps.distributed import RankSpec, spawn_ranks
+from tests.test_distributed import _wait_in_a_collective
+spawn_ranks(_wait_in_a_collective, (sys.argv[1],), {}, RankSpec(2, timeout_s=600))
+"""
+
+
+def test_ranks_die_with_the_process_that_spawned_them(tmp_path):
+    """The process that spawned the ranks (a launch, a pool worker) killed outright leaves no
+    rank behind, even one that waits in a collective for a peer that never answers (it runs no
+    SIGTERM handler before rank_timeout_s; such orphans, ppid 1, needed kill -9)."""
+    spawner = subprocess.Popen([sys.executable, "-c", SPAWNER, str(tmp_path)], cwd=REPO)
+    started = []
+    try:
+        wait_for(lambda: len(list(tmp_path.iterdir())) == 2, 120, "both ranks to join")
+        ranks = [int(path.name) for path in tmp_path.iterdir()]
+        started = descendants(spawner.pid)  # the ranks and multiprocessing's resource tracker
+        assert set(ranks) <= set(started)
+        time.sleep(0.5)  # rank 0 is in its collective
+        assert running(ranks) == ranks
+        spawner.kill()
+        spawner.wait(timeout=10)
+        wait_for(lambda: not running(started), 10, "the spawner's processes to end")
+    finally:
+        spawner.kill()
+        for pid in running(started):  # what the fix failed to end: not left to the next test
+            os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
