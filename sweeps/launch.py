@@ -338,7 +338,9 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
     threads = launcher.get("threads") or 1
     note = f"{workers} workers"
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    # the workers (and their ranks) die with the launch: killed outright, it cannot stop them
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=distributed.die_with,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_group, str(sweep_dir), [run.settings for run in group], threads, packing,
                                distributed.rank_spec(launcher)): group
                    for group in groups}

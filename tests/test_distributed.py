@@ -268,6 +268,27 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_a_launch_killed_outright_leaves_no_worker_and_no_rank(tmp_path):
+    """kill -9 of a launch with 2 workers, each training a run on 2 ranks: the workers die with
+    it, and their ranks with them (nothing was left to stop them)."""
+    sweep_dir = tmp_path / "sweep"
+    launched = start_launch(sweep_dir, "launcher.workers=2", "launcher.group_by=run", "sweep.lr.values=[0.05,0.1]",
+                            "budget.max_steps=1000000")
+    started = []
+    try:
+        wait_for(lambda: training_started(sweep_dir), 240, "training to start")
+        started = wait_for(lambda: (lambda found: found if len(found) >= 7 else None)(descendants(launched.pid)),
+                           60, "2 workers, their 4 ranks and a resource tracker")
+        launched.kill()
+        launched.wait(timeout=10)
+        wait_for(lambda: not running(started), 15, "every process the launch started to end")
+    finally:
+        launched.kill()
+        for pid in running(started):  # what the fix failed to end: not left to the next test
+            os.kill(pid, signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------
 # refused before anything is written or queued
 
