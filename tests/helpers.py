@@ -104,6 +104,24 @@ def running(pids) -> list[int]:
     return [pid for pid in pids if alive(pid)]
 
 
+def kill_leaves_nothing(process: subprocess.Popen, started: list[int], within: float) -> list[int]:
+    """kill -9 `process`; those of `started` (what it started) still running `within` s later, [] if
+    none. They are then killed, so that a failing test leaves no process to the next one."""
+    import os
+    import signal
+    import time
+
+    process.kill()
+    process.wait(timeout=10)
+    deadline = time.time() + within
+    while running(started) and time.time() < deadline:
+        time.sleep(0.2)
+    left = running(started)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def launch(*overrides: str, timeout: float = 300, cwd=REPO, python: str = sys.executable) -> subprocess.CompletedProcess:
     """`python -m sweeps.launch OVERRIDES` in a subprocess."""
     return subprocess.run([python, "-m", "sweeps.launch", *overrides], cwd=cwd,

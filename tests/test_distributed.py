@@ -27,7 +27,8 @@ from sweeps import lease as leases
 from sweeps.distributed import RankSpec, spawn_ranks
 from sweeps.jobs import run_group
 from sweeps.status import sweep_status
-from tests.helpers import REPO, SMALL, assert_close, children, comparable, descendants, launch_here, running, wait_for
+from tests.helpers import (REPO, SMALL, assert_close, children, comparable, descendants, kill_leaves_nothing,
+                           launch_here, running, wait_for)
 
 def digits(optimizer: str, lr: float, **changes) -> dict:
     return {"task": {"name": "digits", "hidden": 32}, "optimizer": {"name": optimizer, "lr": lr}, "batch_size": 32,
@@ -251,7 +252,6 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path):
     rank behind, even one that waits in a collective for a peer that never answers (it runs no
     SIGTERM handler before rank_timeout_s; such orphans, ppid 1, needed kill -9)."""
     spawner = subprocess.Popen([sys.executable, "-c", SPAWNER, str(tmp_path)], cwd=REPO)
-    started = []
     try:
         wait_for(lambda: len(list(tmp_path.iterdir())) == 2, 120, "both ranks to join")
         ranks = [int(path.name) for path in tmp_path.iterdir()]
@@ -259,13 +259,9 @@ def test_ranks_die_with_the_process_that_spawned_them(tmp_path):
         assert set(ranks) <= set(started)
         time.sleep(0.5)  # rank 0 is in its collective
         assert running(ranks) == ranks
-        spawner.kill()
-        spawner.wait(timeout=10)
-        wait_for(lambda: not running(started), 10, "the spawner's processes to end")
+        assert kill_leaves_nothing(spawner, started, within=10) == []
     finally:
         spawner.kill()
-        for pid in running(started):  # what the fix failed to end: not left to the next test
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -275,18 +271,13 @@ def test_a_launch_killed_outright_leaves_no_worker_and_no_rank(tmp_path):
     sweep_dir = tmp_path / "sweep"
     launched = start_launch(sweep_dir, "launcher.workers=2", "launcher.group_by=run", "sweep.lr.values=[0.05,0.1]",
                             "budget.max_steps=1000000")
-    started = []
     try:
         wait_for(lambda: training_started(sweep_dir), 240, "training to start")
         started = wait_for(lambda: (lambda found: found if len(found) >= 7 else None)(descendants(launched.pid)),
                            60, "2 workers, their 4 ranks and a resource tracker")
-        launched.kill()
-        launched.wait(timeout=10)
-        wait_for(lambda: not running(started), 15, "every process the launch started to end")
+        assert kill_leaves_nothing(launched, started, within=15) == []
     finally:
         launched.kill()
-        for pid in running(started):  # what the fix failed to end: not left to the next test
-            os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
