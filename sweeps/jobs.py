@@ -11,12 +11,16 @@ runs that another live launch or job owns ("running elsewhere"), writes the reco
 still owns the run (the lease's `holds()` guards RunBook.save), and lets go when the run is over:
 the lease is removed when the record is final, and marked failed when it is not (a write failed,
 the job was stopped), so that sweeps.status says failed and a relaunch takes the run over at once.
+
+A job may train each run on several ranks (sweeps/distributed.py): every rank runs run_group,
+rank 0 decides what to train and claims it, and a rank that fails ends the job.
 """
 from __future__ import annotations
 
 import enum
 import os
 import signal
+import time
 import traceback
 from pathlib import Path
 from typing import TypedDict
@@ -25,8 +29,10 @@ import submitit
 
 from critbatch import records
 from critbatch.config import RunConfig, check_auto_or_bool
+from critbatch.distributed import RankFailure, Ranks, in_rank_environment, join, leave
 from critbatch.packed import pack_key, packable
 from critbatch.train import Interrupt, Interrupted, train_pack
+from sweeps.distributed import REQUEUE_WAIT_S, RankSpec, slurm_rank_environment, spawn_ranks
 from sweeps.lease import Lease, read_lease
 
 
@@ -125,20 +131,28 @@ def _claim(sweep_dir: str, pack: list[RunConfig], owned: list[RunConfig], held: 
 
 
 def _run_pack(sweep_dir: str, pack: list[RunConfig], packed: bool,
-              interrupt: Interrupt | None = None) -> list[RunSummary]:
+              interrupt: Interrupt | None = None, ranks: Ranks | None = None) -> list[RunSummary]:
+    ranks = ranks or Ranks.single()
     owned, held, summaries = [], [], []
     error = "the job ended before the run's record was final"
     try:
-        summaries += _claim(sweep_dir, pack, owned, held)
+        if ranks.main:  # the run's lease and heartbeat: one per run, held by rank 0
+            summaries += _claim(sweep_dir, pack, owned, held)
+        owned, tokens = ranks.from_main((owned, [lease.token for lease in held]))
         if not owned:
             return summaries
         for lease in held:
-            lease.log("train")
-        for record in train_pack(owned, [_run_dir(sweep_dir, c) for c in owned], packed=packed and len(owned) > 1,
-                                 guard=lambda: all(lease.holds() for lease in held), interrupt=interrupt):
+            lease.log("train", ranks=ranks.size)
+        dirs = [_run_dir(sweep_dir, c) for c in owned]
+        if ranks.main:
+            guard = lambda: all(lease.holds() for lease in held)  # noqa: E731
+        else:  # another rank writes only a failure, and only while rank 0's lease is still there
+            guard = lambda: all(getattr(read_lease(d), "token", None) == t for d, t in zip(dirs, tokens))  # noqa: E731
+        for record in train_pack(owned, dirs, packed=packed and len(owned) > 1, guard=guard, interrupt=interrupt,
+                                 ranks=ranks):
             summaries.append(RunSummary(run=record["run_name"], status=record["status"], skipped=False,
                                         path=record["summary"].get("path")))
-    except (JobKilled, Interrupted) as exc:
+    except (JobKilled, Interrupted, RankFailure) as exc:  # the job cannot go on
         error = str(exc)
         raise
     except records.NotOwner as exc:  # another job took a run over: it is its record now
@@ -159,7 +173,7 @@ def _run_pack(sweep_dir: str, pack: list[RunConfig], packed: bool,
 
 
 def run_group(sweep_dir: str, configs: list[RunConfig], threads: int | None = None,
-              packing: dict | None = None) -> list[RunSummary]:
+              packing: dict | None = None, ranks: RankSpec | None = None) -> list[RunSummary]:
     """Train each config under sweep_dir/runs/<run_name>/ unless its record is complete or
     another live launch or job owns it.
 
@@ -168,35 +182,60 @@ def run_group(sweep_dir: str, configs: list[RunConfig], threads: int | None = No
     on with the next one. SIGTERM (cancelled, preempted) or SIGUSR2 (submitit's warning before the
     time limit) stop training at the next step boundary with its state saved in the run's
     checkpoint; a relaunch, or the job submitit requeues after SIGUSR2, resumes from there.
+
+    `ranks`: each run on spec.processes ranks. Started here (spec.spawn), run_group runs again
+    in each of them (sweeps.distributed.spawn_ranks) and returns rank 0's summaries; in each
+    rank it joins the others, trains on its slice of every batch, and raises RankFailure when a
+    rank died or hung.
     """
     import torch
 
+    spec = ranks or RankSpec()
+    if spec.processes > 1 and spec.spawn and not in_rank_environment():
+        try:
+            return spawn_ranks(run_group, (sweep_dir, configs), {"threads": threads, "packing": packing,
+                                                                 "ranks": spec}, spec)
+        except RankFailure as exc:  # the ranks are gone; the run they trained is recorded failed
+            return [_failed(_run_dir(sweep_dir, c).name, str(exc)) for c in map(RunConfig.from_dict, configs)
+                    if not records.is_complete(_run_dir(sweep_dir, c) / records.RECORD_FILE)]
     if threads:
         torch.set_num_threads(threads)
+    configs = [RunConfig.from_dict(c) for c in configs]  # (a RunConfig is taken as it is)
+    group = join(spec.timeout_s, configs[0].device.value if configs else "auto") if spec.processes > 1 \
+        else Ranks.single()
+    if group.size > 1:
+        packing = {"enabled": False}  # a run on several ranks trains alone
     interrupt = Interrupt()
     # submitit's own SIGUSR2 handler checkpoints the job and requeues it: called once the
     # training state is saved (handling it mid-step would save a half-updated state)
     requeue = signal.getsignal(signal.SIGUSR2)
     summaries, todo = [], []
-    for config in map(RunConfig.from_dict, configs):  # (a RunConfig is taken as it is)
+    for config in configs if group.main else ():
         run_dir = _run_dir(sweep_dir, config)
         if records.is_complete(run_dir / records.RECORD_FILE):
             summaries.append(RunSummary(run=run_dir.name, status=Outcome.skipped.value, skipped=True))
         else:
             todo.append(config)
+    todo = group.from_main(todo)
     # SIGINT too: Ctrl-C stops a local launch's runs at a step boundary, checkpointed
     with interrupt.handling((signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)):
         try:
             for pack, packed in packs(todo, packing):
-                summaries += _run_pack(sweep_dir, pack, packed, interrupt)
-                if interrupt.requested:
-                    raise Interrupted(f"{interrupt.requested} between runs")
+                summaries += _run_pack(sweep_dir, pack, packed, interrupt, group)
+                signal_name = group.agreed_signal(interrupt.requested, 0)
+                if signal_name:
+                    interrupt.requested = interrupt.requested or signal_name
+                    raise Interrupted(f"{signal_name} between runs")
         except Interrupted as exc:
             stopped = exc
         else:
+            leave()
             return summaries
     if interrupt.requested == "SIGUSR2" and callable(requeue):
         requeue(signal.SIGUSR2, None)  # checkpoint (GroupJob.checkpoint) and requeue; exits
+        if not group.main:  # submitit requeues from rank 0 only; SLURM ends this task with the job
+            time.sleep(REQUEUE_WAIT_S)
+            return summaries
     why = "interrupted" if interrupt.requested == "SIGINT" else "cancelled, preempted or out of time"
     raise JobKilled(f"job received {interrupt.requested} ({why}): {stopped}")
 
@@ -213,9 +252,11 @@ class GroupJob(submitit.helpers.Checkpointable):
     already complete and resumes the interrupted one from its checkpoint."""
 
     def __call__(self, sweep_dir: str, configs: list[RunConfig], threads: int | None = None,
-                 packing: dict | None = None) -> list[RunSummary]:
+                 packing: dict | None = None, ranks: RankSpec | None = None) -> list[RunSummary]:
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        return run_group(sweep_dir, configs, threads=threads or job_threads(), packing=packing)
+        if ranks is not None and not ranks.spawn and ranks.processes > 1 and not slurm_rank_environment():
+            raise RankFailure(f"this job was asked for {ranks.processes} ranks but runs as one SLURM task")
+        return run_group(sweep_dir, configs, threads=threads or job_threads(), packing=packing, ranks=ranks)
 
 
 run_group_job = GroupJob()  # submitit pickles it and calls it in the job

@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from critbatch import records
 from critbatch.config import ConfigError, UnknownSetting
-from sweeps import cluster, schema
+from sweeps import cluster, distributed, schema
 from sweeps.grid import SweepError, check_data, check_overrides, expand, group_runs, lr_grid_note
 from sweeps.jobs import LOST, RUNNING_ELSEWHERE, JobKilled, Outcome, RunSummary, packs, run_group, run_group_job
 from sweeps.lease import read_lease
@@ -306,6 +306,7 @@ def make_executor(sweep_dir: Path, launcher: dict):
         params["slurm_setup"] = list(launcher["setup"])
     if launcher.get("additional_parameters"):
         params["slurm_additional_parameters"] = dict(launcher["additional_parameters"])
+    params.update(distributed.slurm_parameters(launcher))
     executor.update_parameters(**params)
     return executor
 
@@ -331,15 +332,18 @@ def launch_local(sweep_dir: Path, groups, launcher: dict, packing: dict, progres
             note = f"B={group[0].config['batch_size']}"
             progress.show(note=note)
             with following(progress, finished, note, every=launcher.get("progress_seconds", 1.0)):
-                summaries += run_group(str(sweep_dir), [run.settings for run in group],
-                                       threads=launcher.get("threads"), packing=packing)
+                summaries += run_group(str(sweep_dir), [run.settings for run in group], threads=launcher.get("threads"),
+                                       packing=packing, ranks=distributed.rank_spec(launcher))
             progress.show(finished.settle(group))
         return summaries
     threads = launcher.get("threads") or 1
     note = f"{workers} workers"
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(run_group, str(sweep_dir), [run.settings for run in group], threads, packing): group
+    # the workers (and their ranks) die with the launch: killed outright, it cannot stop them
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=distributed.die_with,
+                             initargs=(os.getpid(),)) as pool:
+        futures = {pool.submit(run_group, str(sweep_dir), [run.settings for run in group], threads, packing,
+                               distributed.rank_spec(launcher)): group
                    for group in groups}
 
         def forward(signum, frame):  # the workers stop at a step boundary with their state saved
@@ -390,7 +394,8 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
     configs = [[run.settings for run in group] for group in groups]
     try:
         jobs = executor.map_array(run_group_job, [str(sweep_dir)] * len(configs), configs,
-                                  [launcher.get("threads")] * len(configs), [packing] * len(configs))
+                                  [launcher.get("threads")] * len(configs), [packing] * len(configs),
+                                  [distributed.rank_spec(launcher)] * len(configs))
     except Exception as exc:  # sbatch refused: nothing is queued
         raise SweepError(f"the jobs could not be submitted ({launcher['name']}): {exc}".strip()) from exc
     entry = {"submitted": datetime.now().isoformat(timespec="seconds"), "launcher": launcher["name"],
@@ -419,7 +424,7 @@ def launch_submitit(sweep_dir: Path, groups, launcher: dict, packing: dict, prog
     progress.show(finished.count())
     for job, group in zip(jobs, groups):
         try:
-            summaries += job.result()
+            summaries += job.results()[0]  # a job of several SLURM tasks: rank 0's
         except Exception as exc:  # a killed or crashed job: its runs are failed or partial on disk
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             summaries += [RunSummary(run=run.name, status=Outcome.job_failed.value, error=f"job {job.job_id}: {reason}")
@@ -547,6 +552,7 @@ def check_placement(cfg: dict, runs) -> None:
     group_runs(runs, launcher["group_by"])
     packs([], cfg.get("packing"))
     check_local_device(runs, launcher)
+    distributed.check_launch(launcher, runs, cfg.get("packing"))  # ranks per run: launcher, runs, sinfo
     if launcher["name"] == "slurm":
         notes = cluster.check_cluster(launcher)
         if notes is None:

@@ -86,6 +86,11 @@ class LauncherConfig:
     constraint: str | None = None
     job_name: str = "critbatch"
     setup: list[str] = field(default_factory=list)  # shell lines run before each job, e.g. ["module load cuda/12"]
+    # One run on several ranks (sweeps/distributed.py), each on batch_size/N examples of every batch:
+    processes: int = 1             # local, submitit_local: N ranks spawned on this machine
+    tasks_per_node: int = 1        # slurm: N = tasks_per_node x nodes SLURM tasks
+    nodes: int = 1
+    rank_timeout_s: float = 300.0  # a rank waits this long for the others: a hung rank fails the run after it
     additional_parameters: dict[str, Any] = field(default_factory=dict)  # other sbatch options, e.g. {mail-type: END}
 
 

@@ -2,6 +2,7 @@
 import from here (or conftest fixtures), never from one another."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,43 @@ TABLES = ("steps_to_goal.csv", "steps_by_lr.csv", "best_runs.csv", "tradeoff_fit
 FIGURES = ("pareto_fronts", "noise_scales", "lr_vs_batch", "steps_heatmap", "training_curves")
 
 
+RUN_TIMING = {"wall_time", "setup_seconds", "pid", "host"}
+
+
+def comparable(record: dict) -> dict:
+    """The record as written (NaN as null), without what differs between any two runs (timings)
+    or says how it ran (processes, the noise measurement's path)."""
+    from critbatch import records
+
+    record = json.loads(json.dumps(records._json_safe(record)))
+    for key in RUN_TIMING | {"processes", "noise_measurement"}:
+        record["summary"].pop(key, None)
+        record["curve"].pop(key, None)
+    for goal in record["goals"]:
+        goal.pop("wall_time", None)
+    return record
+
+
+def assert_close(a, b, rtol: float, where: str = "record") -> tuple[float, str]:
+    """Equal structure, equal strings and flags, numbers within rtol (relative to the larger of the
+    two, at least 1e-3); returns the largest relative difference seen and where."""
+    if isinstance(a, (dict, list)):
+        assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), f"{where}: keys differ: {set(a) ^ set(b)}"
+            pairs = [(a[k], b[k], f"{where}.{k}") for k in a]
+        else:
+            assert len(a) == len(b), f"{where}: lengths {len(a)} != {len(b)}"
+            pairs = [(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+        return max([assert_close(x, y, rtol, w) for x, y, w in pairs] or [(0.0, where)])
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        difference = abs(a - b) / max(abs(a), abs(b), 1e-3)
+        assert difference <= rtol, f"{where}: {a} != {b} (relative difference {difference:.2e} > {rtol})"
+        return difference, where
+    assert a == b, f"{where}: {a!r} != {b!r}"
+    return 0.0, where
+
+
 def wait_for(condition, timeout: float, what: str):
     """The first truthy value of condition(), polled every half second; fails after `timeout` s."""
     import time
@@ -41,6 +79,55 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and _parent(int(entry.name)) == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process `pid` started, and theirs, as now."""
+    found = children(pid)
+    return found + [d for child in found for d in descendants(child)]
+
+
+def running(pids) -> list[int]:
+    """Those of `pids` that still run (a zombie has ended: it waits only to be reaped)."""
+    def alive(pid: int) -> bool:
+        try:
+            state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            return False
+        return "zombie" not in state
+
+    return [pid for pid in pids if alive(pid)]
+
+
+def kill_leaves_nothing(process: subprocess.Popen, started: list[int], within: float) -> list[int]:
+    """kill -9 `process`; those of `started` (what it started) still running `within` s later, [] if
+    none. They are then killed, so that a failing test leaves no process to the next one."""
+    import os
+    import signal
+    import time
+
+    process.kill()
+    process.wait(timeout=10)
+    deadline = time.time() + within
+    while running(started) and time.time() < deadline:
+        time.sleep(0.2)
+    left = running(started)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def launch(*overrides: str, timeout: float = 300, cwd=REPO, python: str = sys.executable) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from critbatch import records
 from critbatch.train import CHECKPOINT_FILE
 from sweeps.status import sweep_status
 from sweeps import lease as leases
-from tests.helpers import wait_for, REPO, SMALL, launch, launch_here
+from tests.helpers import REPO, SMALL, assert_close, comparable, launch, launch_here, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -197,6 +197,9 @@ def test_three_concurrent_slurm_launches_train_each_run_once(tmp_path):
     (["launcher.mem_gb=1000"], ["launcher.mem_gb=1000"]),
     (["launcher.gpus_per_node=1"], ["launcher.gpus_per_node=1"]),
     (["+launcher.additional_parameters.frobnicate=1"], ["launcher.additional_parameters.frobnicate"]),
+    (["launcher.tasks_per_node=16", "noise_scale.micro_batches=16"],          # one run on 16 ranks
+     ["launcher.tasks_per_node=16", "needs 16 CPUs"]),
+    (["launcher.tasks_per_node=2", "launcher.nodes=2"], ["launcher.nodes=2", "has 1 node(s)"]),
 ])
 def test_cluster_settings_are_checked_before_anything_is_queued(tmp_path, overrides, words):
     from critbatch.config import ConfigError
@@ -225,3 +228,28 @@ def test_jobs_that_can_never_run_are_cancelled_and_the_launch_fails(tmp_path):
     array = entry["job_ids"][0].split("_")[0]
     queued = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout
     assert queued.strip() == ""
+
+
+@pytest.mark.slow
+def test_a_run_on_a_two_task_slurm_job_records_what_one_process_records(tmp_path):
+    """One run as a job of 2 SLURM tasks (2 ranks, gloo; submitit's TorchDistributedEnvironment),
+    against the same run trained by one process here: the records agree within float rounding."""
+    run = ["task=digits", "task.hidden=32", "optimizer=adam", "sweep.batch_sizes=[32]", "sweep.lr.values=[0.003]",
+           "sweep.seeds=[0]", "goals.thresholds=[0.5,0.2]", "budget.max_steps=100", "launcher.threads=1"]
+    on_slurm = launch(*run, *SLURM, "launcher.mem_gb=2", "launcher.tasks_per_node=2",
+                      "launcher.rank_timeout_s=120", f"hydra.sweep.dir={tmp_path / 'slurm'}", timeout=600)
+    assert on_slurm.returncode == 0, on_slurm.stderr
+    here = launch(*run, "launcher.workers=1", f"hydra.sweep.dir={tmp_path / 'here'}", timeout=600)
+    assert here.returncode == 0, here.stderr
+    script = next((tmp_path / "slurm").rglob("*_submission.sh")).read_text()
+    assert "--ntasks-per-node=2" in script and "--kill-on-bad-exit=1" in script, script
+    (ranks_path,), (alone_path,) = (list((tmp_path / d).rglob(records.RECORD_FILE)) for d in ("slurm", "here"))
+    on_ranks, alone = records.read_record(ranks_path), records.read_record(alone_path)
+    assert on_ranks["summary"]["processes"] == 2 and alone["summary"]["processes"] == 1
+    assert on_ranks["status"] == alone["status"] == records.COMPLETED
+    worst = assert_close(comparable(on_ranks), comparable(alone), 1e-3)
+    print(f"2-task SLURM job against one process: largest relative difference {worst[0]:.2e} ({worst[1]})")
+    # one owner per run: rank 0, the array task
+    trained = [e for e in leases.history(ranks_path.parent) if e["event"] == "train"]
+    jobs = json.loads((tmp_path / "slurm" / "jobs.json").read_text())
+    assert len(trained) == 1 and trained[0]["ranks"] == 2 and trained[0]["owner"] in jobs[0]["job_ids"]

@@ -55,8 +55,8 @@ GRID_AXES = ("batch_size", "optimizer.lr", "seed")
 PACK_AXES = ("optimizer.lr", "log")
 
 #: The run's independent random streams besides training's own (`seed`): each is seeded with
-#: seed + its offset. They are part of what `seed` means (a fixed function of it), not settings.
-SEED_OFFSETS = {"initial_loss": 7_919, "hessian_batches": 31_337, "probe": 104_729}
+#: seed + its offset (rank r > 0 of a data-parallel run: its dropout stream, seed + offset + r). They are part of what `seed` means (a fixed function of it), not settings.
+SEED_OFFSETS = {"initial_loss": 7_919, "hessian_batches": 31_337, "probe": 104_729, "ranks": 611_953}
 
 
 class ConfigError(ValueError):

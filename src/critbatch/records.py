@@ -163,6 +163,8 @@ class Summary:
     b_noise_skipped: str | None = _doc("why B_noise was not measured in this run, where it was asked for")
     data: dict | None = _doc("what identifies the data beyond the task's options (Task.fingerprint)")
     device: str | None = _doc("where it trained")
+    processes: int | None = _doc("ranks that trained it together, each on batch_size/processes examples of every "
+                                 "batch (1: one process; critbatch.distributed)")
     path: str | None = _doc("plain or packed")
     packed_members: int | None = _doc("runs trained together as one packed model")
     noise_micro_batches: int | None = _doc("k of a measuring step")

@@ -8,11 +8,14 @@ Two implementations share the interface:
   update read top to bottom in `PlainStep.__call__`.
 - `PackedStep`: M runs that differ only in their learning rate, as one model with stacked
   parameters stepped by vmap (critbatch.packed); member i is run i.
+- `DataParallelStep`: a plain step on N ranks (critbatch.distributed): each rank computes the
+  gradient of its slice of B/N examples and DDP averages them.
 
 How the k micro-batch norms are computed is chosen once per step object (`NoiseMeasurement`):
 from the one pass of the full batch by per-layer rules (critbatch.micro_grads), by k passes of
 B/k examples where a layer has no rule (BatchNorm: each micro-batch normalised on its own, as
-on k data-parallel workers), or by a vmap over micro-batches in a pack.
+on k data-parallel workers), by a vmap over micro-batches in a pack, or on N ranks from each
+rank's gradient before DDP's all-reduce and the averaged one after it.
 
 `Graphed(step)` wraps any step so that its plain and its measuring step are replayed from CUDA
 graphs (critbatch.cuda_graphs); without a GPU it calls the step as it is.
@@ -29,8 +32,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from critbatch import cuda_graphs
-from critbatch.config import RunConfig
+from critbatch.config import ConfigError, RunConfig
 from critbatch.curvature import curvature_forms, curvature_forms_autograd
+from critbatch.distributed import Ranks, check_data_parallel
 from critbatch.gns import micro_batch_sq_norms
 from critbatch.micro_grads import MicroBatchNorms
 from critbatch.optimizers import make_optimizer
@@ -47,6 +51,7 @@ class NoiseMeasurement(str, enum.Enum):
     one_pass = "one pass"                 # per-layer rules on the full batch's pass (micro_grads)
     k_passes = "k passes"                 # k forward/backward passes of B/k examples
     vmap = "vmap over micro-batches"      # a pack: one more vmap, over the micro-batches
+    ranks = "ranks"                       # k = N ranks: each rank's gradient before the all-reduce (paper App. A.1)
 
 
 class Step(Protocol):
@@ -266,6 +271,100 @@ class PackedStep:
         self._loaded = None
 
 
+class RankNorms:
+    """A DDP communication hook that averages each gradient bucket over the ranks, as DDP's
+    default hook does, and while `measuring` adds up each bucket's squared norm before the
+    all-reduce (this rank's B/N-example gradient) and after it (the B-example gradient)."""
+
+    def __init__(self, size: int):
+        self.size, self.measuring = size, False
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+
+    @staticmethod
+    def reduce(state: "RankNorms", bucket):  # DDP checks a hook's name and annotations: a plain function
+        buffer = bucket.buffer()
+        if state.measuring:
+            state.before.append(torch.dot(buffer, buffer))
+        buffer.div_(state.size)
+
+        def averaged(future):
+            reduced = future.value()[0]
+            if state.measuring:
+                state.after.append(torch.dot(reduced, reduced))
+            return reduced
+
+        return torch.distributed.all_reduce(buffer, async_op=True).get_future().then(averaged)
+
+    def take(self) -> Norms:
+        """(|g_rank|^2, |g|^2) of the pass just done, summed over its buckets."""
+        norms = torch.stack(self.before).sum(), torch.stack(self.after).sum()
+        self.before.clear()
+        self.after.clear()
+        return norms
+
+
+class DataParallelStep(PlainStep):
+    """A plain step on N ranks: each rank runs the model (wrapped in torch's DDP) on its B/N
+    consecutive examples of the batch, DDP averages the gradients, and every rank applies the
+    same update. The batch's metrics are the mean of the ranks' (every batch metric is a mean
+    over examples, and the slices are equal).
+
+    A measuring step's k micro-batches are the single process's: with k = N each rank's slice is
+    one, and its norm is taken in the communication hook before the all-reduce, the batch's after
+    it (RankNorms: no extra pass); with k = mN each rank measures its m micro-batches by the
+    per-layer rules. The mean micro-batch norm is averaged over the ranks in the same all-reduce
+    as the metrics. Curvature (B_noise) is computed by every rank on the whole batch, as one
+    process computes it. Every call here is a collective: all ranks make it together."""
+
+    def __init__(self, config: RunConfig, task: Task, device, micro_batches: int, ranks: Ranks):
+        check_data_parallel(config, ranks)
+        super().__init__(config, task, device, micro_batches)
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ranks = ranks
+        self.ddp = DistributedDataParallel(self.model)  # on this rank's device (critbatch.distributed.join)
+        self.hook = RankNorms(ranks.size)
+        self.ddp.register_comm_hook(self.hook, RankNorms.reduce)
+        self.local_micro_batches = max(1, micro_batches // ranks.size)
+        if micro_batches > 1 and self.local_micro_batches == 1:
+            self.noise_measurement = NoiseMeasurement.ranks
+
+    def _gradients(self, x, y, measure: bool) -> tuple[dict[str, torch.Tensor], Norms | None]:
+        x, y = self.ranks.part(x), self.ranks.part(y)
+        ranks_measure = measure and self.noise_measurement is NoiseMeasurement.ranks
+        rules = measure and not ranks_measure
+        self.hook.measuring = ranks_measure
+        with self.rules.recording() if rules else contextlib.nullcontext():
+            output = self.ddp(x)
+            loss = self.task.loss(output, y)
+            loss.backward()                    # DDP: p.grad = the mean of the ranks' gradients
+        metrics = self.task.metrics(output, y, loss.detach())
+        norms = None
+        if ranks_measure:
+            norms = self.hook.take()
+        elif rules:
+            norms = self.rules.sq_norms(self.local_micro_batches)
+        # one all-reduce: the whole batch's metrics and the ranks' mean micro-batch norm
+        names = list(metrics)
+        shared = [metrics[name].detach().float().reshape(()) for name in names]
+        values = self.ranks.mean(torch.stack(shared + ([norms[0].float()] if norms else [])))
+        metrics = {name: values[i] for i, name in enumerate(names)}
+        return metrics, None if norms is None else (values[-1], norms[1])
+
+    def __call__(self, x, y, measure: bool):
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics, norms = self._gradients(x, y, measure)
+        self.optimizer.step()
+        return per_member(metrics), per_member(norms)
+
+    def measure(self, x, y) -> Norms:
+        self.optimizer.zero_grad(set_to_none=True)
+        _, norms = self._gradients(x, y, measure=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        return per_member(norms)
+
+
 class Graphed:
     """Any Step, with its plain and its measuring step each replayed from a CUDA graph once
     captured (critbatch.cuda_graphs.GraphedStep); `enabled=False` calls the step as it is.
@@ -323,8 +422,13 @@ class Graphed:
 
 
 def make_step(configs: list[RunConfig], task: Task, device: torch.device, micro_batches: int, packed: bool,
-              graphs: bool) -> Graphed:
-    """The step of these runs (one, or a pack), replayed from CUDA graphs when `graphs`."""
+              graphs: bool, ranks: Ranks | None = None) -> Graphed:
+    """The step of these runs (one, or a pack), replayed from CUDA graphs when `graphs`; one run
+    on several `ranks` is a DataParallelStep (neither packed nor graphed)."""
+    if ranks is not None and ranks.size > 1:
+        if packed or graphs:
+            raise ConfigError("a run on several ranks is neither packed nor replayed from CUDA graphs")
+        return Graphed(DataParallelStep(configs[0], task, device, micro_batches, ranks), False)
     if packed:
         step = PackedStep(configs, task, device, micro_batches)
     else:

@@ -9,6 +9,10 @@ an EMA whose window grows with the step count (critbatch.monitor), so the step a
 crossed is known to a few percent whatever the batch size. At geometrically spaced steps the loop
 logs a curve point and asks stop_reason whether the run is over; each run's RunBook rewrites its
 record now and then, so a killed job leaves a record marked "running".
+
+One run may train on several processes (`ranks`, critbatch.distributed): every rank runs this
+loop on the same batches, its step trains on its slice, and what one process alone would decide
+(stop, checkpoint, interrupt) is decided once for all; only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from critbatch.batches import Batches
 from critbatch.branches import finish_branch, keep_trunk_states, pending_state_step, start_from_trunk
 from critbatch.config import SEED_OFFSETS, ConfigError, Device, RunConfig, Sampling, curvature_unsupported
 from critbatch.cuda_graphs import use_cuda_graphs
+from critbatch.distributed import RankFailure, Ranks, check_data_parallel, from_collective
 from critbatch.curvature import curvature_batch_sizes, curvature_state
 from critbatch.gns import noise_micro_batches
 from critbatch.monitor import GoalCrossings, NoiseMeasurements, RunBook, SmoothedMetrics, log_steps, stop_reason
@@ -88,21 +93,25 @@ class Training:
 
     `checkpoint_dir`: where the whole training state is saved every log.checkpoint_seconds and
     when `interrupt` is requested (and from where `resume` came); a resumed run continues exactly
-    as its uninterrupted twin would have."""
+    as its uninterrupted twin would have. `ranks`: the processes that train it together (every
+    rank constructs its Training; rank 0 saves the checkpoints)."""
 
     def __init__(self, configs: list[RunConfig], task: Task, books: list[RunBook], packed: bool,
                  checkpoint_dir: str | Path | None = None, interrupt: Interrupt | None = None,
-                 resume: dict | None = None):
+                 resume: dict | None = None, ranks: Ranks | None = None):
         setup_start = time.perf_counter()
         config = self.config = configs[0]
         self.packed, self.task, self.books = packed, task, list(books)
+        self.ranks = ranks = ranks or Ranks.single()
         self.device = device = pick_device(config.device)
         B, ns, smoothing = config.batch_size, config.noise_scale, config.smoothing
-        graphs = use_cuda_graphs(config.cuda_graphs, device, B)
+        graphs = use_cuda_graphs(config.cuda_graphs, device, B) and ranks.size == 1
         torch.manual_seed(config.seed)
         task.load(device)
         self.k = noise_micro_batches(B, ns.micro_batches) if ns.enabled else 1
-        self.train_step = make_step(configs, task, device, self.k, packed, graphs)
+        self.train_step = make_step(configs, task, device, self.k, packed, graphs, ranks)
+        if not ranks.main:  # dropout: a stream of its own per rank (rank 0 keeps the single process's)
+            torch.manual_seed(config.seed + SEED_OFFSETS["ranks"] + ranks.rank)
         self.batches = Batches(task, B, config.sampling, config.seed, device)
         members = len(configs)
         self.smoothed = SmoothedMetrics(task.batch_metrics, members, B, smoothing.relative_window,
@@ -165,13 +174,13 @@ class Training:
             book.started(initial_loss, initial_noise, device=str(device), path="packed" if packed else "plain",
                          packed_members=members, noise_micro_batches=self.k, cuda_graphs=graphs,
                          noise_measurement=getattr(self.train_step.noise_measurement, "value", None),
-                         b_noise_skipped=self.b_noise_skipped, data=task.fingerprint(),
+                         b_noise_skipped=self.b_noise_skipped, data=task.fingerprint(), processes=self.ranks.size,
                          setup_seconds=time.perf_counter() - setup_start)
 
     def run(self) -> None:
         config, start = self.config, time.perf_counter() - self.elapsed
         while True:
-            if self.interrupt is not None and self.interrupt.requested:  # a step boundary: state consistent
+            if self.interrupt is not None and self.interrupted():  # a step boundary: state consistent
                 self.elapsed = time.perf_counter() - start
                 self.stop_interrupted()
             # ---- evaluated metrics (a goal's, densely; the curve's, at logged steps) ----
@@ -199,8 +208,15 @@ class Training:
                 self.goals.update(self.smoothed.values[:, self.goal_index], self.smoothed.center_step)
             self.step += 1
             if config.budget.max_seconds is not None and self.step % 64 == 0 \
-                    and time.perf_counter() - start >= config.budget.max_seconds:
+                    and self.ranks.from_main(time.perf_counter() - start >= config.budget.max_seconds):
                 self.next_log = self.step  # log and stop at the top of the loop
+
+    def interrupted(self) -> bool:
+        """A signal asked training to stop (on any rank: then every rank knows its name)."""
+        signal_name = self.ranks.agreed_signal(self.interrupt.requested, self.step)
+        if signal_name and not self.interrupt.requested:
+            self.interrupt.requested = signal_name
+        return bool(signal_name)
 
     def stop_interrupted(self):
         """Save the state, mark the runs interrupted and stop (Interrupted)."""
@@ -275,8 +291,11 @@ class Training:
             book.log(step, now, {**metrics, **self.latest_evaluation[i], **smoothed_eval[i]}, crossed[i])
         self.probe_goals(newly, crossed)
         keep_trunk_states(self, newly)
-        for book in self.books:
-            outcome = stop_reason(book, step, now, self.goal_key)
+        outcomes = [stop_reason(book, step, now, self.goal_key) for book in self.books]
+        # rank 0's clock decides the time budget and the checkpoints, for every rank
+        outcomes, checkpoint_due = self.ranks.from_main(
+            (outcomes, time.perf_counter() - self._last_checkpoint > self.config.log.checkpoint_seconds))
+        for book, outcome in zip(self.books, outcomes):
             if outcome is not None:
                 finish_branch(self, book)
                 book.finish(*outcome)
@@ -296,7 +315,7 @@ class Training:
         if pending_state_step(self.config, step) < self.next_log:  # a trunk's state is due before: log there too
             self.log_schedule = itertools.chain([self.next_log], self.log_schedule)
             self.next_log = int(pending_state_step(self.config, step))
-        if keep and time.perf_counter() - self._last_checkpoint > self.config.log.checkpoint_seconds:
+        if keep and checkpoint_due:
             self.save_checkpoint()
         return bool(keep)
 
@@ -304,7 +323,7 @@ class Training:
         """B_simple (and B_noise) at initialisation, for the summary."""
         config, ns = self.config, self.config.noise_scale
         key = json.dumps([config.task, config.seed, config.branch, dataclasses.asdict(ns), self.k,
-                          max(config.batch_size, ns.probe_batch_size), str(self.device)],
+                          max(config.batch_size, ns.probe_batch_size), str(self.device), self.ranks.size],
                          sort_keys=True, default=str)
         if key not in _INITIAL_NOISE:
             simple, curvature = probe_noise(
@@ -366,11 +385,17 @@ class Training:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> None:
+        """Save the whole state (with several ranks: every rank calls it, rank 0 writes)."""
         self._last_checkpoint = time.perf_counter()
         if self.checkpoint_path is None:
             return
         self.flush_measurements()
+        rank_rng = self.ranks.gather(self.rng_state())  # dropout streams: one per rank
+        if not self.ranks.main:
+            return
         state = self.state_dict()
+        if self.ranks.size > 1:
+            state["rank_rng"] = rank_rng
         # Serialised in memory first: torch.save writing to a full disk fails with an opaque
         # "[enforce fail at inline_container.cc] unexpected pos", a plain write says ENOSPC.
         buffer = io.BytesIO()
@@ -379,15 +404,18 @@ class Training:
         for book in self.books:  # the records say how far the checkpoint got
             book.save()
 
-    def state_dict(self) -> dict:
+    def rng_state(self) -> dict:
         cuda = self.device.type == "cuda"
+        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+
+    def state_dict(self) -> dict:
         return {
             "version": CHECKPOINT_VERSION, "members": [book.run_id for book in self.books],
             "packed": self.packed, "data": self.task.fingerprint(),
             "step": self.step, "next_log": self.next_log, "next_eval": self.next_eval, "elapsed": self.elapsed,
             "last_evaluation": self.last_evaluation, "last_scheduled": self.last_scheduled,
             "latest_evaluation": self.latest_evaluation,
-            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None},
+            "rng": self.rng_state(),
             "batches": self.batches.state_dict(),
             "curvature_batches": None if self.curvature_batches is None else self.curvature_batches.state_dict(),
             "train_step": self.train_step.state_dict(), "smoothed": self.smoothed.state_dict(),
@@ -402,9 +430,13 @@ class Training:
         for key in ("step", "next_log", "next_eval", "elapsed", "last_evaluation", "last_scheduled",
                     "latest_evaluation", "last_curvature", "next_snapshot"):
             setattr(self, key, state[key])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        # each rank its own stream back; a rank the checkpoint did not have keeps its fresh one
+        rank_rng = state.get("rank_rng") or [state["rng"]]
+        if self.ranks.rank < len(rank_rng):
+            rng = rank_rng[self.ranks.rank]
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.batches.load_state_dict(state["batches"])
         if self.curvature_batches is not None:
             self.curvature_batches.load_state_dict(state["curvature_batches"])
@@ -418,6 +450,10 @@ class Training:
             book.note(resumed_at=(book.summary.resumed_at or []) + [self.step])
 
 
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def find_checkpoint(configs: list[RunConfig], out_dirs: list) -> tuple[Path | None, dict | None]:
     """The checkpoint of exactly these runs (the members still training when it was saved), if any
     of their directories holds one: (its directory, its state). A checkpoint of another set of runs
@@ -428,7 +464,7 @@ def find_checkpoint(configs: list[RunConfig], out_dirs: list) -> tuple[Path | No
         if path is None or not path.exists():
             continue
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_checkpoint(path)
         except Exception as exc:  # torn or foreign: training starts afresh, the record says why
             warnings.warn(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); starting afresh")
             continue
@@ -438,16 +474,31 @@ def find_checkpoint(configs: list[RunConfig], out_dirs: list) -> tuple[Path | No
 
 
 def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None], packed: bool | None = None,
-               guard=None, interrupt: Interrupt | None = None) -> list[dict]:
+               guard=None, interrupt: Interrupt | None = None, ranks: Ranks | None = None) -> list[dict]:
     """Train runs that differ at most in their learning rate together and return their records
     (each also written to out_dir/record.json). One run trains as a plain model; several as one
     packed model (critbatch.steps.PackedStep), unless `packed=False` (then they must be one run).
 
     The whole state is saved to out_dir/checkpoint.pt (the first run's) every
     log.checkpoint_seconds and when `interrupt` is requested (training then raises Interrupted);
-    called again with the same runs, training resumes from it. `guard`: see RunBook.save."""
+    called again with the same runs, training resumes from it. `guard`: see RunBook.save (on
+    every rank: only rank 0 writes, but any rank records a failure of the ranks).
+
+    `ranks`: one run trained by several processes, each calling train_pack with its Ranks
+    (critbatch.distributed): rank 0 finds the checkpoint, and every rank resumes from it; rank 0
+    writes the record and the checkpoints. When a rank dies or hangs, each rank left raises
+    RankFailure after recording the run as failed (rank 0 may be the one that died)."""
+    ranks = ranks or Ranks.single()
     configs = [RunConfig.from_dict(c) for c in configs]
-    resume_dir, state = find_checkpoint(configs, out_dirs)
+    if ranks.size > 1:
+        if len(configs) > 1 or packed:
+            raise ConfigError("train_pack: a run on several ranks trains alone, never packed")
+        check_data_parallel(configs[0], ranks)
+        packed = False
+    resume_dir, state = find_checkpoint(configs, out_dirs) if ranks.main else (None, None)
+    resume_dir = ranks.from_main(resume_dir)  # every rank resumes from the checkpoint rank 0 chose
+    if resume_dir is not None and state is None:
+        state = load_checkpoint(Path(resume_dir) / CHECKPOINT_FILE)
     if state is not None:  # a pack that shrank to one member resumes packed, as it was saved
         packed = state["packed"]
     packed = len(configs) > 1 if packed is None else packed
@@ -457,20 +508,30 @@ def train_pack(configs: list[RunConfig | dict], out_dirs: list[str | Path | None
         check_packable(configs)
     task = configs[0].build_task()
     if state is not None:  # before any record is touched: parameters trained on other data are not resumed
-        check_fingerprint(task, state["data"], resume_dir / CHECKPOINT_FILE)
-    books = [RunBook(c, d, guard=guard) for c, d in zip(configs, out_dirs)]
+        check_fingerprint(task, state["data"], Path(resume_dir) / CHECKPOINT_FILE)
+    books = [RunBook(c, d if ranks.main else None, guard=guard if ranks.main else None)
+             for c, d in zip(configs, out_dirs)]
     checkpoint_dir = resume_dir or next((d for d in out_dirs if d is not None), None)
     try:
-        training = Training(configs, task, books, packed, checkpoint_dir, interrupt, resume=state)
+        training = Training(configs, task, books, packed, checkpoint_dir, interrupt, resume=state, ranks=ranks)
         training.run()
     except Interrupted:
         raise
     except Exception as exc:
-        for book in books:
+        failure = from_collective(exc, ranks.rank, ranks.timeout_s) if ranks.size > 1 else exc
+        for book, out_dir in zip(books, out_dirs):
+            if isinstance(failure, RankFailure) and out_dir is not None:  # the writer, rank 0, may be the rank that died
+                book.path, book.guard = Path(out_dir) / records.RECORD_FILE, guard
             if not book.finished:
-                book.fail(exc)
-        raise
-    for out_dir in out_dirs:  # every run is over: nothing to resume
+                try:
+                    book.fail(failure)
+                except records.NotOwner:
+                    if ranks.main:
+                        raise
+        if failure is exc:
+            raise
+        raise failure from exc
+    for out_dir in out_dirs if ranks.main else ():  # every run is over: nothing to resume
         if out_dir is not None:
             (Path(out_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
     return [book.record for book in books]
