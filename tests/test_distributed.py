@@ -310,6 +310,10 @@ def test_what_cannot_train_on_ranks_as_in_one_process_is_named():
     assert "cuda_graphs=true" in data_parallel_problem(graphs, 2)
     assert data_parallel_problem(RunConfig.from_dict(digits("sgd", 0.1)), 2) is None
     assert data_parallel_problem(RunConfig.from_dict(digits("sgd", 0.1)), 1) is None
+    trunk = RunConfig.from_dict({**digits("sgd", 0.1), "log": {"states_at_goals": True}})
+    branch = RunConfig.from_dict({**digits("sgd", 0.1), "branch": {"trunk": "t", "trunk_step": 10, "multiplier": 2}})
+    for config in (trunk, branch):
+        assert "one process" in data_parallel_problem(config, 2)
 
 
 SINFO = "debug*|up|vm|8|4000|idle|infinite|(null)\n"
