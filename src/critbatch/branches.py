@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -28,9 +28,28 @@ from critbatch import records
 from critbatch.config import BranchConfig, ConfigError, RunConfig
 
 if TYPE_CHECKING:
-    from critbatch.monitor import RunBook
     from critbatch.tasks import Task
-    from critbatch.train import Training
+
+
+class Book(Protocol):
+    """What the hooks use of a run's book (critbatch.monitor.RunBook)."""
+    run_name: str
+    summary: Any
+
+    def note(self, **values: Any) -> None: ...
+
+
+class Training(Protocol):
+    """What the hooks read and change of the training loop (critbatch.train.Training), declared
+    here so that the loop imports the hooks and not the other way round."""
+    config: RunConfig
+    step: int
+    books: list[Book]
+    packed: bool
+    checkpoint_dir: Path | None
+    train_step: Any
+    task: Task
+    device: Any
 
 STATES_DIR = "states"
 #: examples of a streaming task's evaluation set (the same for every branch: common random numbers)
@@ -150,7 +169,7 @@ def start_from_trunk(training: Training) -> None:
         book.note(branch_start_loss=loss)
 
 
-def finish_branch(training: Training, book: RunBook) -> None:
+def finish_branch(training: Training, book: Book) -> None:
     """As a branch ends (its window spent, or diverged): its loss on the evaluation set."""
     if training.config.branch is None:
         return
