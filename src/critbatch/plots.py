@@ -364,6 +364,7 @@ def local_critical_batch(points: pd.DataFrame, trunk_curve: pd.DataFrame, grid: 
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_xscale("symlog", linthresh=max(1.0, float(points["examples"][points["examples"] > 0].min())
                                                if (points["examples"] > 0).any() else 1.0))
+    axes[0].set_xlim(left=0)   # examples are never negative: no empty half of the symlog axis
     axes[0].set_xlabel("examples the trunk had trained on (branch point)")
     axes[1].set_xscale("log")
     axes[1].invert_xaxis()
