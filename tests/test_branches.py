@@ -174,6 +174,42 @@ def test_a_branch_sweep_trains_its_trunk_once_and_a_relaunch_skips_what_is_done(
         launch(compose([*DIGITS, "branches.trunk.lr=0.2"]), tmp_path)
 
 
+def test_a_text_task_branches_and_its_large_training_set_is_evaluated_on_a_fixed_sample(tmp_path):
+    """The LM gathers its windows (no `inputs` tensor) and has more of them than the evaluation
+    takes whole: the trunk keeps its states, the branches run, and the fixed sample's mean loss
+    is the whole training set's within its standard error."""
+    from critbatch.branches import DATASET_EVALUATION_EXAMPLES, STREAM_EVALUATION_EXAMPLES, evaluation_loss
+    from critbatch.tasks import build_task
+    from tests.test_text_task import own_text
+
+    text = own_text(tmp_path, chars=20_000)
+    lm = ["task=shakespeare_char", f"task.text_path={text}", "task.context=16", "task.width=16", "task.heads=2",
+          "task.layers=1", "task.val_windows=8", "optimizer=adam", "goals.thresholds=[3.0]",
+          "noise_scale.enabled=false", "branches.trunk.batch_size=8", "branches.trunk.lr=0.003",
+          "branches.at_examples=[0,160]", "branches.at_goals=false", "branches.multipliers=[1,2]",
+          "branches.lr_rule=none", "branches.lr_factors=[1.0]", "branches.window=160", "branches.seeds=[0]",
+          "budget.max_steps=40", "launcher.workers=1", "launcher.threads=1"]
+    sweep = tmp_path / "sweep"
+    assert launch(compose(lm), sweep) == 0
+    trunk, branches = load_branch_sweep(sweep)
+    assert trunk["status"] != records.FAILED and [s["step"] for s in trunk["summary"]["branch_states"]] == [0, 20]
+    assert len(branches) == 2 * 2 and branches["loss"].map(math.isfinite).all()
+
+    task = build_task("shakespeare_char", text_path=str(text), context=16, width=16, heads=2, layers=1)
+    task.load("cpu")
+    assert task.dataset_size > STREAM_EVALUATION_EXAMPLES  # the sample, not the whole set
+    torch.manual_seed(0)
+    model = task.make_model().eval()
+    sampled = evaluation_loss(task, model)
+    assert evaluation_loss(task, model) == sampled  # fixed: the same set for every branch
+    with torch.no_grad():  # every window's loss, independently of evaluation_loss
+        x, y = task.batch(torch.arange(task.dataset_size))
+        logits = model(x)
+        per_window = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+    se = float(per_window.std()) / math.sqrt(DATASET_EVALUATION_EXAMPLES)
+    assert abs(sampled - float(per_window.mean())) < 4 * se
+
+
 @pytest.mark.slow
 def test_a_preempted_branch_resumes_as_its_uninterrupted_twin(tmp_path):
     """A trunk and a branch each stopped at a step boundary (as SIGTERM stops a job) and resumed

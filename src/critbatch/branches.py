@@ -54,6 +54,8 @@ class Training(Protocol):
 STATES_DIR = "states"
 #: examples of a streaming task's evaluation set (the same for every branch: common random numbers)
 STREAM_EVALUATION_EXAMPLES = 16_384
+#: a larger dataset (the LM's 4.5M windows) is evaluated on this many examples of it, fixed by a seed
+DATASET_EVALUATION_EXAMPLES = 1024
 _EVALUATION_SEED = 0
 _CHUNK = 4096
 
@@ -72,18 +74,24 @@ def trunk_state_path(branch_run_dir: str | Path, branch: BranchConfig) -> Path:
 @torch.no_grad()
 def evaluation_loss(task: Task, model: torch.nn.Module) -> float:
     """The model's mean loss on a fixed evaluation set, the same for every branch: in closed form
-    where the task has one (linreg's exact_loss), else over the whole training set, else over
-    STREAM_EVALUATION_EXAMPLES fresh samples from a fixed seed. In eval mode (no dropout; BatchNorm
-    on its running statistics)."""
+    where the task has one (linreg's exact_loss), else over the whole training set (up to
+    STREAM_EVALUATION_EXAMPLES examples; a larger one on DATASET_EVALUATION_EXAMPLES of them drawn
+    from a fixed seed), else over STREAM_EVALUATION_EXAMPLES fresh samples from a fixed seed. In
+    eval mode (no dropout; BatchNorm on its running statistics)."""
     if "exact_loss" in task.eval_metrics:
         return float(task.evaluate(model)["exact_loss"])
     training = model.training
     model.eval()
     try:
         if task.dataset_size is not None:
-            device = task.inputs.device
-            batches = (task.batch(torch.arange(start, min(start + _CHUNK, task.dataset_size), device=device))
-                       for start in range(0, task.dataset_size, _CHUNK))
+            device = next(model.parameters()).device  # tasks that gather examples (text) hold no `inputs`
+            if task.dataset_size <= STREAM_EVALUATION_EXAMPLES:
+                index = torch.arange(task.dataset_size, device=device)
+            else:
+                generator = torch.Generator().manual_seed(_EVALUATION_SEED)
+                index = torch.randperm(task.dataset_size, generator=generator)[:DATASET_EVALUATION_EXAMPLES]
+                index = index.sort().values.to(device)
+            batches = (task.batch(chunk) for chunk in index.split(_CHUNK))
         else:
             generator = torch.Generator(device=getattr(task, "device", "cpu")).manual_seed(_EVALUATION_SEED)
             batches = (task.sample(_CHUNK, generator) for _ in range(STREAM_EVALUATION_EXAMPLES // _CHUNK))

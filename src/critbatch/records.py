@@ -181,7 +181,8 @@ class Summary:
     branch_start_loss: float | None = _doc("a branch: its trunk's loss where it starts, on the evaluation set of "
                                            "branch_loss")
     branch_loss: float | None = _doc("a branch: its loss after its window, on a fixed evaluation set (the whole "
-                                     "training set, or in closed form: critbatch.branches.evaluation_loss)")
+                                     "training set or a fixed sample of a large one, or in closed form: "
+                                     "critbatch.branches.evaluation_loss)")
     host: str | None = _doc("the machine")
     pid: int | None = _doc("the process")
     torch: str | None = _doc("torch's version")
