@@ -12,10 +12,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
-# A sweep of the digits task small enough for a test: 2 batch sizes x 2 lrs x 1 seed, easy goals.
+# A sweep of the digits task small enough for a test: 2 batch sizes x 2 lrs x 1 seed, easy goals,
+# trained in the launching process (a worker process would spend 4 s importing torch for 1 s of
+# training; the tests of workers set launcher.workers themselves).
 SMALL = ["task=digits", "sweep.batch_sizes=[16,64]", "sweep.lr.count=2", "sweep.seeds=[0]",
          "goals.thresholds=[0.3,0.2]",
-         "budget.max_steps=400", "launcher.threads=1"]
+         "budget.max_steps=400", "launcher.threads=1", "launcher.workers=1"]
 
 # Linreg where G^T H G swings by factors of e from step to step (d = 64) and B_noise is measured
 # every step on 20 draws of its own: the regime of B_noise's second-order path average.

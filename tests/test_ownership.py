@@ -223,7 +223,7 @@ def trainings(sweep_dir: Path) -> dict[str, int]:
 def test_three_concurrent_local_launches_train_each_run_once(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # one worker each: every run is trained in a launcher's own process, whose pid the record names
-    command = [sys.executable, "-m", "sweeps.launch", *SMALL, "launcher.workers=1", f"hydra.sweep.dir={sweep_dir}"]
+    command = [sys.executable, "-m", "sweeps.launch", *SMALL, f"hydra.sweep.dir={sweep_dir}"]
     launches = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(3)]
     outputs = [launch.communicate(timeout=300) for launch in launches]
