@@ -146,10 +146,21 @@ def test_the_signal_before_a_time_limit_checkpoints_requeues_and_resumes(tmp_pat
     # SLURM holds a requeued job for a while (reason BeginTime); let it start at once
     wait_for(lambda: "BeginTime" in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True,
                                                    text=True).stdout, 120, "the job to be requeued")
+    # slurmd refuses a job whose credential is no newer than its revocation at the requeue (whole
+    # seconds): started within the same second it fails with "Job credential revoked"
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     record_path = lease_log.parent / records.RECORD_FILE
-    wait_for(lambda: records.Status(records.read_record(record_path)["status"]).finished, 400,
-             "the requeued run to finish")
+
+    def run_finished() -> bool:
+        if records.Status(records.read_record(record_path)["status"]).finished:
+            return True
+        state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True,
+                               text=True).stdout.split()
+        assert not state or state[-1] not in ("FAILED", "NODE_FAIL"), f"the requeued job {job_id} ended {state[-1]}"
+        return False
+
+    wait_for(run_finished, 400, "the requeued run to finish")
 
     record = records.read_record(record_path)
     assert record["status"] == records.BUDGET_EXHAUSTED and record["summary"]["steps"] == 40000
