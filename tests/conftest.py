@@ -10,10 +10,19 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# The files that take longest on 2 cores (pytest --durations=0; the first two are one sweep each),
+# longest first. pytest-xdist hands out whole files (--dist loadfile, so
+# that a module-scoped fixture trains once) in the order their first test comes
+# (--no-loadscope-reorder: by default it orders them by their number of tests, which put these
+# two sweeps last, each then running alone at the end).
+LONGEST_FILES = ("test_end_to_end.py", "test_science.py", "test_sweeps.py", "test_distributed.py", "test_slurm.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first: pytest-xdist hands out whole files (--dist loadfile, so that a
-    module-scoped fixture trains once) in the order their first test comes, and a long file
-    started last would leave one process working alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest files first, then the other slow tests, then the rest."""
+    def order(item):
+        name = item.path.name
+        return (LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES),
+                item.get_closest_marker("slow") is None)
+
+    items.sort(key=order)
