@@ -10,11 +10,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-# The files that take longest on 2 cores (pytest --durations=0; the first two are one sweep each),
-# longest first. pytest-xdist hands out whole files (--dist loadfile, so
-# that a module-scoped fixture trains once) in the order their first test comes
-# (--no-loadscope-reorder: by default it orders them by their number of tests, which put these
-# two sweeps last, each then running alone at the end).
+# The files that take longest on 2 cores (pytest --durations=0), longest first. pytest-xdist hands
+# out whole files in the order their first test comes (--no-loadscope-reorder; by default it orders
+# them by their number of tests, which starts these long sweeps last, each then running alone).
 LONGEST_FILES = ("test_end_to_end.py", "test_science.py", "test_sweeps.py", "test_distributed.py", "test_slurm.py")
 
 
@@ -30,6 +28,6 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_xdist_auto_num_workers(config):
     """-n auto: one process more than the cores. Several long tests mostly wait (a SLURM queue, a
-    rank's timeout, a signal) with the CPU idle; a third process on 2 cores fills that time
-    (the full suite: 798 s on 2 processes, 745 s on 3). --maxprocesses still caps it."""
+    rank's timeout, a signal) with the CPU idle, and the extra process fills that time.
+    --maxprocesses still caps it."""
     return len(os.sched_getaffinity(0)) + 1
